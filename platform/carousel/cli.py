@@ -1,0 +1,254 @@
+"""`carousel`: the command line. The only place that reads the environment and the working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Deep stacked LSTM models on Ray Train + DeepSpeed + MLflow.")
+prepare_app = typer.Typer(no_args_is_help=True, help="Turn corpora into Arrow shards + manifest.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect prepared datasets.")
+app.add_typer(prepare_app, name="prepare")
+app.add_typer(data_app, name="data")
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a spec field: a.b=value (repeatable)")]
+AddressOpt = Annotated[Optional[str], typer.Option("--address", envvar="RAY_ADDRESS", help="Ray cluster address (default: an embedded local Ray)")]
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.secho(msg, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _absolute(spec):
+    """Relative local paths are relative to where the command runs; workers may run elsewhere."""
+    if "://" not in spec.data.path:
+        spec.data.path = os.path.abspath(spec.data.path)
+    if "://" not in spec.run.storage_path:
+        spec.run.storage_path = os.path.abspath(spec.run.storage_path)
+    return spec
+
+
+def _load(job: Path, overrides: list[str] | None):
+    from carousel.config import SpecError, load_spec
+    from carousel.data.shards import DataError
+    from carousel.train.launcher import preflight
+
+    try:
+        spec = _absolute(load_spec(job, overrides or []))
+        preflight(spec)
+    except (SpecError, DataError) as e:
+        _fail(str(e))
+    return spec
+
+
+@prepare_app.command("text")
+def prepare_text(
+    out: Annotated[Path, typer.Option("--out", "-o", help="dataset directory (or s3://, gs:// URI)")],
+    kjv: Annotated[bool, typer.Option("--kjv", help="the King James Bible from Debian's bible-kjv")] = False,
+    input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="text file or directory (repeatable)")] = None,
+    tokenizer: Annotated[str, typer.Option(help="bpe | char | word")] = "bpe",
+    vocab_size: Annotated[int, typer.Option(help="tokenizer vocabulary size")] = 4000,
+    tokenizer_file: Annotated[Optional[Path], typer.Option(help="use this tokenizer.json instead of training one")] = None,
+    shard_lines: Annotated[int, typer.Option(help="lines per Arrow shard")] = 4096,
+    valid_fraction: Annotated[float, typer.Option(help="user files: share held out for validation")] = 0.05,
+    test_fraction: Annotated[float, typer.Option(help="user files: share held out for test")] = 0.05,
+    max_verses: Annotated[Optional[int], typer.Option(help="KJV: use only about this many verses (tests)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing dataset")] = False,
+    address: AddressOpt = None,
+) -> None:
+    """Tokenize a text corpus into Arrow shards (in parallel Ray tasks) with a manifest."""
+    from carousel.data.corpus import read_kjv, read_text_files
+    from carousel.data.prepare import prepare_text as run
+    from carousel.data.shards import DataError
+    from carousel.ray_session import init_ray
+
+    if kjv == bool(input):
+        _fail("give exactly one source: --kjv or --input PATH")
+    if tokenizer not in ("bpe", "char", "word"):
+        _fail(f"--tokenizer: {tokenizer!r} is not one of bpe, char, word")
+    try:
+        corpus = read_kjv(max_verses) if kjv else read_text_files(input, valid_fraction, test_fraction)
+        for r in corpus.rejected:
+            typer.secho(f"skipped {r['file']}:{r['line']}: {r['reason']}", fg=typer.colors.YELLOW, err=True)
+        init_ray(address)
+        res = run(corpus, str(out), tokenizer, vocab_size, str(tokenizer_file) if tokenizer_file else None, shard_lines, overwrite)
+    except DataError as e:
+        _fail(str(e))
+    m = res.manifest
+    typer.echo(f"prepared {res.root} in {res.seconds:.1f}s: tokenizer {m.tokenizer['type']} ({m.tokenizer['vocab_size']} tokens)")
+    for name, split in m.splits.items():
+        typer.echo(f"  {name:5s} {len(split.shards):3d} shards {split.rows:8d} lines {split.tokens:10d} tokens")
+    if m.rejected:
+        typer.echo(f"  rejected {len(m.rejected)} lines (listed in the manifest)")
+
+
+@data_app.command("verify")
+def data_verify(path: str) -> None:
+    """Check a dataset: manifest, every shard's size and sha256, full Arrow validation, counts."""
+    from carousel.data.shards import DataError, Dataset
+
+    try:
+        report = Dataset(path).verify()
+    except DataError as e:
+        _fail(f"FAILED: {e}", 1)
+    for name, r in report.items():
+        typer.echo(f"ok {name}: {r['shards']} shards, {r['rows']} rows, {r['tokens']} tokens")
+
+
+@app.command()
+def validate(job: Path, set: SetOpt = None) -> None:
+    """Check a job spec (and its data) and print it resolved, without running anything."""
+    import yaml
+
+    spec = _load(job, set)
+    typer.echo(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+
+
+@app.command()
+def train(
+    job: Annotated[Optional[Path], typer.Argument(help="job spec YAML")] = None,
+    set: SetOpt = None,
+    resume: Annotated[Optional[str], typer.Option(help="continue the stopped run NAME (under run.storage_path)")] = None,
+    storage_path: Annotated[str, typer.Option(help="with --resume: where the run lives")] = "runs",
+    address: AddressOpt = None,
+) -> None:
+    """Train a model: validate the spec, open (or resume) the MLflow run, run Ray Train + DeepSpeed."""
+    from carousel.config import SpecError, apply_overrides, spec_from_dict
+    from carousel.tracking.runs import RunRecord
+    from carousel.train.launcher import train as run_training
+
+    if resume:
+        record = RunRecord.load(storage_path, resume)
+        if record is None:
+            _fail(f"--resume {resume}: no run named {resume!r} under {os.path.abspath(storage_path)}")
+        try:
+            spec = spec_from_dict(apply_overrides(record.spec, (set or []) + [f"run.name={resume}"]), f"run {resume}")
+        except SpecError as e:
+            _fail(str(e))
+        spec = _absolute(spec)
+    elif job is None:
+        _fail("give a job spec (carousel train JOB.yaml) or --resume NAME")
+    else:
+        spec = _load(job, set)
+    outcome = run_training(spec, address)
+    m = outcome.metrics
+    typer.echo("")
+    typer.secho(f"run {outcome.run_name}: {outcome.status} in {outcome.seconds:.0f}s", bold=True)
+    if "best_val_ppl" in m:
+        typer.echo(f"  best validation perplexity {m['best_val_ppl']:.2f}")
+    if "test_ppl" in m:
+        typer.echo(f"  test perplexity            {m['test_ppl']:.2f}")
+    if outcome.model.get("registered_model"):
+        alias = outcome.model.get("alias")
+        typer.echo(f"  registered model           models:/{outcome.model['registered_model']}/{outcome.model['version']}"
+                   + (f" (alias @{alias})" if alias else ""))
+    for s in outcome.model.get("samples", []):
+        typer.echo("  sample: " + s.replace("\n", " / "))
+    if outcome.status == "HALTED":
+        typer.echo(f"  halted at step {m.get('step')}; continue with: carousel train --resume {outcome.run_name} "
+                   f"--storage-path {spec.run.storage_path}")
+    typer.echo(f"  MLflow: carousel ui   (tracking {outcome.tracking_uri}, run {outcome.mlflow_run_id})")
+
+
+def _load_lm(model: str | None, checkpoint: str | None):
+    from carousel.tracking.lm_model import LoadedLM
+    from carousel.train import checkpoint as ckpt
+
+    if bool(model) == bool(checkpoint):
+        _fail("give exactly one of --model URI or --checkpoint DIR")
+    if checkpoint:
+        try:
+            ckpt.verify(checkpoint, ckpt.read_meta(checkpoint)["world_size"])
+        except ckpt.CheckpointError as e:
+            _fail(str(e))
+        return LoadedLM(Path(checkpoint) / ckpt.MODEL_DIR)
+    import mlflow
+
+    from carousel.tracking.store import resolve_tracking_uri
+
+    uri = resolve_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model.rstrip('/')}/artifacts/model")
+    return LoadedLM(local)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "In the beginning",
+    model: Annotated[Optional[str], typer.Option(help="MLflow model URI, e.g. models:/kjv-lstm@best")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="a Carousel checkpoint directory")] = None,
+    max_tokens: int = 60,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    seed: int = 0,
+    num: Annotated[int, typer.Option(help="number of samples")] = 1,
+) -> None:
+    """Sample text from a registered model or a checkpoint."""
+    lm = _load_lm(model, checkpoint)
+    for i in range(num):
+        typer.echo(lm.generate(prompt, max_tokens, temperature, top_k or None, seed + i))
+
+
+@app.command("eval")
+def evaluate(
+    data: Annotated[str, typer.Option(help="prepared dataset directory")],
+    model: Annotated[Optional[str], typer.Option(help="MLflow model URI")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="a Carousel checkpoint directory")] = None,
+    split: str = "test",
+    batch_size: int = 16,
+    bptt: int = 64,
+) -> None:
+    """Perplexity of a model on a dataset split (same stream layout as training, one process)."""
+    import math
+
+    import torch
+
+    from carousel.data.shards import DataError, Dataset
+    from carousel.data.streams import StreamLoader
+
+    lm = _load_lm(model, checkpoint)
+    try:
+        ds = Dataset(data)
+        if ds.manifest.tokenizer["sha256"] != lm.meta.get("tokenizer_sha256"):
+            _fail(f"{data}: its tokenizer is not the one the model was trained with")
+        loader = StreamLoader(ds, split, 0, 1, batch_size, bptt)
+    except DataError as e:
+        _fail(str(e))
+    nll, count, state = 0.0, 0, None
+    with torch.no_grad():
+        for x, y, _ in loader:
+            loss, state = lm.model(x, state, targets=y)
+            nll += float(loss) * y.numel()
+            count += y.numel()
+    typer.echo(json.dumps({"split": split, "tokens": count, "loss": nll / count, "ppl": math.exp(nll / count)}))
+
+
+@app.command()
+def ui(
+    port: int = 5000,
+    host: Annotated[str, typer.Option(help="bind address; 127.0.0.1 keeps it private")] = "127.0.0.1",
+) -> None:
+    """Serve the MLflow UI for the default store (or $MLFLOW_TRACKING_URI)."""
+    from carousel.tracking.store import DEFAULT_ARTIFACTS, resolve_tracking_uri
+
+    uri = resolve_tracking_uri()
+    typer.echo(f"MLflow UI for {uri} at http://{host}:{port}")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri.startswith("sqlite:///"):
+        cmd += ["--default-artifact-root", Path(DEFAULT_ARTIFACTS).resolve().as_uri()]
+    os.execv(sys.executable, cmd)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

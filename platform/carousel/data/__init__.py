@@ -1,0 +1,1 @@
+"""Corpora -> tokenizers -> Arrow shards + manifest -> per-rank TBPTT streams."""

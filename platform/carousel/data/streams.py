@@ -1,0 +1,152 @@
+"""Token streams for truncated BPTT, split across data-parallel ranks.
+
+A split's tokens, in manifest order, form one sequence of N tokens. It is cut into
+S = world_size x batch_size contiguous streams of L = (N - 1) // S tokens; rank r owns streams
+[r*B, (r+1)*B), i.e. one contiguous range of the corpus, so ranks are disjoint and, because every
+stream has the same length, every rank takes the same number of windows: L // bptt per epoch.
+Window k of a stream is tokens [k*T, k*T + T] (T + 1 tokens: inputs and shifted targets), so the
+hidden state carried from window k to k+1 belongs to exactly the preceding text.
+
+A rank reads only the shards that overlap its range (memory-mapped), and slices windows out of
+them lazily. The position (epoch, window) is the loader's whole state; restoring it continues at
+exactly the same window.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from carousel.data.shards import Dataset, DataError
+
+
+class TokenRange:
+    """Random access to tokens [start, stop) of a split, backed by only the shards that hold them."""
+
+    def __init__(self, dataset: Dataset, split: str, start: int, stop: int):
+        info = dataset.split(split)
+        self.start, self.stop = start, stop
+        self._arrays: list[np.ndarray] = []
+        self._offsets: list[int] = []  # global offset of each loaded array
+        offset = 0
+        for shard in info.shards:
+            end = offset + shard.tokens
+            if end > start and offset < stop:
+                self._arrays.append(dataset.shard_tokens(shard))
+                self._offsets.append(offset)
+            offset = end
+
+    def slice(self, a: int, b: int) -> np.ndarray:
+        """Global tokens [a, b) as a fresh int64 array."""
+        if a < self.start or b > self.stop:
+            raise IndexError(f"[{a}, {b}) outside this rank's range [{self.start}, {self.stop})")
+        out = np.empty(b - a, dtype=np.int64)
+        i = bisect.bisect_right(self._offsets, a) - 1
+        filled = 0
+        while filled < b - a:
+            arr, off = self._arrays[i], self._offsets[i]
+            lo = a + filled - off
+            take = min(len(arr) - lo, b - a - filled)
+            out[filled : filled + take] = arr[lo : lo + take]
+            filled += take
+            i += 1
+        return out
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """The pure arithmetic of the layout (unit-tested without data)."""
+
+    total_tokens: int
+    world_size: int
+    batch_size: int
+    bptt: int
+
+    @property
+    def streams(self) -> int:
+        return self.world_size * self.batch_size
+
+    @property
+    def stream_len(self) -> int:
+        return (self.total_tokens - 1) // self.streams
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return self.stream_len // self.bptt
+
+    def stream_start(self, stream: int) -> int:
+        return stream * self.stream_len
+
+    def rank_range(self, rank: int) -> tuple[int, int]:
+        """Global token range rank ``rank`` needs, targets included."""
+        first, last = rank * self.batch_size, (rank + 1) * self.batch_size - 1
+        return self.stream_start(first), self.stream_start(last) + self.windows_per_epoch * self.bptt + 1
+
+    def validate(self, where: str) -> None:
+        if self.windows_per_epoch < 1:
+            raise DataError(
+                f"{where}: {self.total_tokens} tokens are too few for {self.world_size} workers x "
+                f"{self.batch_size} streams x bptt {self.bptt} (need at least "
+                f"{self.streams * self.bptt + 1}); lower train.batch_size or train.bptt"
+            )
+
+
+class StreamLoader:
+    """Yields (inputs [B, T], targets [B, T], fresh) for one rank; ``fresh`` means reset the hidden state."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        split: str,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        bptt: int,
+        max_windows: int | None = None,
+    ):
+        self.layout = StreamLayout(dataset.split(split).tokens, world_size, batch_size, bptt)
+        self.layout.validate(f"{dataset.root.uri()} split {split!r}")
+        self.rank, self.batch_size, self.bptt = rank, batch_size, bptt
+        self.windows = min(self.layout.windows_per_epoch, max_windows or self.layout.windows_per_epoch)
+        self.tokens = TokenRange(dataset, split, *self.layout.rank_range(rank))
+        self.epoch, self.position = 0, 0
+
+    def __len__(self) -> int:
+        return self.windows
+
+    def window(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.bptt
+        rows = [
+            self.tokens.slice(s + k * T, s + k * T + T + 1)
+            for s in (self.layout.stream_start(self.rank * self.batch_size + b) for b in range(self.batch_size))
+        ]
+        block = torch.from_numpy(np.stack(rows))
+        return block[:, :-1], block[:, 1:]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        if self.position >= self.windows:
+            self.epoch, self.position = self.epoch + 1, 0
+        fresh = self.position == 0
+        x, y = self.window(self.position)
+        self.position += 1
+        return x, y, fresh
+
+    def __iter__(self):
+        """One pass over all windows from the start (evaluation)."""
+        for k in range(self.windows):
+            x, y = self.window(k)
+            yield x, y, k == 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "windows": self.windows, "rank": self.rank}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["windows"] != self.windows:
+            raise DataError(
+                f"loader state is for {state['windows']} windows per epoch, this layout has {self.windows}: "
+                "the data, worker count, batch_size or bptt changed since the checkpoint"
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,0 +1,1 @@
+"""Stacked recurrent core (LSTM/GRU) and the model families built on it."""

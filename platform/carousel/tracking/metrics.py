@@ -1,0 +1,95 @@
+"""Rank 0's metric logger: never blocks the training step, loses nothing, logs each (key, step) once.
+
+Written by hand rather than using MLflow's async logging because that queue neither bounds the
+time a failing server can hold a flush nor deduplicates: here points wait in a buffer keyed by
+(key, step), a background thread sends them with ``log_batch`` every few seconds, and a failed
+send leaves them buffered for the next try (so the history ends complete once the server is back).
+Points at or below ``skip_through_step`` were logged before a restart and are dropped, so steps a
+restored worker replays appear once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+_BATCH = 1000  # MLflow's log_batch limit on metrics per call
+
+
+class MetricLogger:
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        interval: float = 2.0,
+        skip_through_step: int = -1,
+        max_buffer: int = 1_000_000,
+    ):
+        self.client, self.run_id, self.interval = client, run_id, interval
+        self.skip_through_step = skip_through_step
+        self.max_buffer = max_buffer
+        self._buf: dict[tuple[str, int], Metric] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.failures = 0
+        self._thread = threading.Thread(target=self._run, name="carousel-metrics", daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self.skip_through_step:
+            return
+        now = int(time.time() * 1000)
+        with self._lock:
+            for k, v in metrics.items():
+                self._buf[(k, step)] = Metric(k, float(v), now, step)
+            if len(self._buf) > self.max_buffer:
+                for key in sorted(self._buf, key=lambda ks: ks[1])[: len(self._buf) - self.max_buffer]:
+                    del self._buf[key]
+                log.warning("metric buffer full (tracking server down?): dropped the oldest points")
+
+    def flush(self) -> bool:
+        """Send everything buffered; True when the buffer is empty afterwards."""
+        with self._lock:
+            items = list(self._buf.items())
+        for i in range(0, len(items), _BATCH):
+            chunk = items[i : i + _BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=[m for _, m in chunk], synchronous=True)
+            except Exception as e:  # noqa: BLE001 - tracking must never take training down
+                self.failures += 1
+                log.warning("MLflow log_batch failed (%s); keeping %d points buffered", e, len(items) - i)
+                return False
+            with self._lock:
+                for key, m in chunk:
+                    if self._buf.get(key) is m:
+                        del self._buf[key]
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Stop the thread and try to drain the buffer for up to ``timeout`` seconds."""
+        self._stop.set()
+        self._thread.join()
+        deadline = time.time() + timeout
+        while not self.flush():
+            if time.time() > deadline:
+                return False
+            time.sleep(1.0)
+        return True
+
+
+def last_logged_step(client: MlflowClient, run_id: str, key: str) -> int:
+    """Highest step already recorded for ``key`` (-1 if none)."""
+    try:
+        history = client.get_metric_history(run_id, key)
+    except Exception:  # noqa: BLE001 - unknown means "log everything"; duplicates beat losses
+        return -1
+    return max((m.step for m in history), default=-1)

@@ -1,0 +1,117 @@
+"""Run identity and lifecycle: one Carousel run = one Ray Train run directory = one MLflow run.
+
+``<storage>/<run name>/carousel-run.json`` ties them together. Starting a job whose run exists and
+did not finish resumes it (same MLflow run, latest checkpoint); a finished run is never reopened
+by accident: the new run gets the next free name (``name-2``, ``name-3``, ...).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from carousel.config import JobSpec, flatten
+from carousel.data.storage import Location, atomic_write
+from carousel.tracking.store import client, ensure_experiment
+
+RECORD = "carousel-run.json"
+FINISHED = "FINISHED"
+
+
+@dataclass
+class RunRecord:
+    name: str
+    mlflow_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    spec: dict[str, Any]
+    status: str = "RUNNING"  # RUNNING | HALTED | FINISHED | FAILED | KILLED
+    step: int = 0
+    created: float = 0.0
+
+    @staticmethod
+    def location(storage_path: str, name: str) -> Location:
+        return Location.parse(storage_path).join(name, RECORD)
+
+    @classmethod
+    def load(cls, storage_path: str, name: str) -> "RunRecord | None":
+        loc = cls.location(storage_path, name)
+        if not loc.exists():
+            return None
+        return cls(**json.loads(loc.read_bytes()))
+
+    def save(self, storage_path: str) -> None:
+        atomic_write(self.location(storage_path, self.name), json.dumps(asdict(self), indent=2).encode())
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def free_name(storage_path: str, name: str) -> str:
+    n = 2
+    candidate = name
+    while (rec := RunRecord.load(storage_path, candidate)) is not None and rec.status == FINISHED:
+        candidate = f"{name}-{n}"
+        n += 1
+    return candidate
+
+
+def _param_value(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+    return s[:6000]  # MLflow's param value limit
+
+
+def open_run(spec: JobSpec, tracking_uri: str, extra_tags: dict[str, str] | None = None) -> tuple[RunRecord, bool]:
+    """Create or reopen the run for ``spec``; returns (record, resumed)."""
+    from mlflow.entities import Param, RunTag
+
+    storage = spec.run.storage_path
+    name = free_name(storage, spec.run_name)
+    record = RunRecord.load(storage, name)
+    c = client(tracking_uri)
+    if record is not None:
+        c.update_run(record.mlflow_run_id, status="RUNNING")
+        record.status = "RUNNING"
+        record.spec = spec.model_dump(mode="json")
+        record.save(storage)
+        return record, True
+
+    exp_id = ensure_experiment(c, spec.tracking.experiment, tracking_uri)
+    tags = {
+        "carousel.job": spec.name,
+        "carousel.run": name,
+        "carousel.family": spec.model.family,
+        "host": socket.gethostname(),
+        "mlflow.user": getpass.getuser(),
+        **(extra_tags or {}),
+    }
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    run = c.create_run(exp_id, run_name=name, tags=tags)
+    params = [Param(k, _param_value(v)) for k, v in flatten(spec.model_dump(mode="json")).items()]
+    c.log_batch(run.info.run_id, params=params, tags=[RunTag("carousel.storage", storage)])
+    record = RunRecord(name, run.info.run_id, exp_id, tracking_uri, spec.model_dump(mode="json"), created=time.time())
+    record.save(storage)
+    return record, False
+
+
+def close_run(record: RunRecord, storage_path: str, status: str, step: int | None = None) -> None:
+    """Record the outcome in MLflow and in the run record. HALTED is RUNNING-resumable but not live."""
+    c = client(record.tracking_uri)
+    mlflow_status = {"HALTED": "FINISHED", "FINISHED": "FINISHED", "FAILED": "FAILED", "KILLED": "KILLED"}[status]
+    c.set_tag(record.mlflow_run_id, "carousel.status", status)
+    c.set_terminated(record.mlflow_run_id, status=mlflow_status)
+    record.status = status
+    if step is not None:
+        record.step = step
+    record.save(storage_path)

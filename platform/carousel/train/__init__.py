@@ -1,0 +1,1 @@
+"""Ray Train driver, the generic worker loop around DeepSpeed, units, checkpoints."""

@@ -1,0 +1,171 @@
+"""The driver side of `carousel train`: open the run, launch the TorchTrainer, publish the model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from carousel.config import JobSpec
+from carousel.data.shards import Dataset
+from carousel.data.streams import StreamLayout
+from carousel.ray_session import init_ray
+
+
+@dataclass
+class TrainOutcome:
+    run_name: str
+    mlflow_run_id: str
+    tracking_uri: str
+    status: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    best_checkpoint: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    resumed: bool = False
+
+
+def preflight(spec: JobSpec) -> None:
+    """Checks that need the data but touch nothing: raise before Ray or MLflow start."""
+    ds = Dataset(spec.data.path, verify_checksums=False)
+    t, world = spec.train, spec.scaling.num_workers
+    for split in (spec.data.train_split, spec.data.valid_split, spec.data.test_split):
+        StreamLayout(ds.split(split).tokens, world, t.batch_size, t.bptt).validate(f"data.path split {split!r}")
+
+
+def build_trainer(spec: JobSpec, run_name: str, train_loop_config: dict[str, Any]):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from carousel.train.loop import train_worker
+
+    s = spec.scaling
+    use_gpu = s.gpus_per_worker > 0
+    resources = {"CPU": s.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    storage = spec.run.storage_path if "://" in spec.run.storage_path else os.path.abspath(spec.run.storage_path)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=train_loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=s.placement,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=spec.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=spec.run.keep_best,
+                checkpoint_score_attribute="val_ppl",
+                checkpoint_score_order="min",
+            ),
+        ),
+    )
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(signal.Signals(signum).name)
+
+
+def train(spec: JobSpec, address: str | None = None, tracking_uri: str | None = None) -> TrainOutcome:
+    t0 = time.time()
+    preflight(spec)
+    init_ray(address)  # before anything imports ray: it fixes the auth mode at import
+    import mlflow
+    import ray
+
+    from carousel.tracking.runs import close_run, open_run
+    from carousel.tracking.store import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri or spec.tracking.uri)
+    tags = {}
+    try:
+        tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
+    except Exception:  # noqa: BLE001 - a tag, not a requirement
+        pass
+    record, resumed = open_run(spec, uri, tags)
+    storage = spec.run.storage_path
+    print(
+        f"{'resuming' if resumed else 'starting'} run {record.name} | MLflow run {record.mlflow_run_id} | "
+        f"tracking {uri}",
+        flush=True,
+    )
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    status, step = "FAILED", None
+    outcome = TrainOutcome(record.name, record.mlflow_run_id, uri, status, resumed=resumed)
+    try:
+        trainer = build_trainer(
+            spec,
+            record.name,
+            {"spec": spec.model_dump(mode="json"), "mlflow_run_id": record.mlflow_run_id, "tracking_uri": uri},
+        )
+        result = trainer.fit()
+        metrics = dict(result.metrics or {})
+        step = metrics.get("step")
+        outcome.metrics = metrics
+        best = _best_checkpoint(result)
+        outcome.best_checkpoint = best
+        if metrics.get("halted"):
+            status = "HALTED"
+        else:
+            if best is not None:
+                outcome.model = publish_model(spec, uri, record.mlflow_run_id, best, metrics)
+            status = "FINISHED"
+    except (KeyboardInterrupt, _Terminated):
+        status = "KILLED"
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        close_run(record, storage, status, step)
+        outcome.status = status
+        outcome.seconds = time.time() - t0
+        mlflow.set_tracking_uri(uri)
+    return outcome
+
+
+def _best_checkpoint(result) -> str | None:
+    scored = [(m.get("val_ppl", float("inf")), c.path) for c, m in (result.best_checkpoints or [])]
+    if not scored:
+        return result.checkpoint.path if result.checkpoint else None
+    return min(scored)[1]
+
+
+def publish_model(spec: JobSpec, tracking_uri: str, run_id: str, checkpoint_path: str, metrics: dict) -> dict:
+    """Log the best checkpoint's model to the run, register it, print a sample."""
+    import mlflow
+
+    from carousel.train import checkpoint as ckpt
+    from carousel.tracking.lm_model import LoadedLM, log_and_register
+
+    ckpt.verify(checkpoint_path, ckpt.read_meta(checkpoint_path)["world_size"])
+    meta = ckpt.read_meta(checkpoint_path)
+    model_dir = str(Path(checkpoint_path) / ckpt.MODEL_DIR)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    lm = LoadedLM(model_dir)
+    samples = [lm.generate(p, spec.tracking.sample_tokens, temperature=0.8, top_k=40, seed=spec.seed) for p in spec.tracking.sample_prompts]
+    best_metrics = {"val_ppl": meta["metrics"]["val_ppl"], "step": meta["step"]}
+    for k in ("test_ppl",):
+        if k in metrics:
+            best_metrics[k] = metrics[k]
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_text("\n\n".join(samples), "samples.txt")
+        mlflow.log_dict(spec.model_dump(mode="json"), "spec.yaml")
+        mlflow.log_artifact(str(Path(model_dir) / "tokenizer.json"))
+        out = log_and_register(model_dir, spec.tracking.registered_model, spec.tracking.alias, best_metrics)
+    out["samples"] = samples
+    out["best_step"] = meta["step"]
+    out["best_val_ppl"] = meta["metrics"]["val_ppl"]
+    return out

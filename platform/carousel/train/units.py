@@ -1,0 +1,90 @@
+"""Model-family units: what differs between families, for the one generic loop in loop.py.
+
+A unit builds the model and its loaders, computes the training loss of one micro-batch, evaluates
+a split, and owns any state that flows between batches (the LM's TBPTT hidden state), which the
+loop saves in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from carousel.config import JobSpec
+from carousel.data.shards import Dataset
+from carousel.data.streams import StreamLoader
+from carousel.models.lm import LanguageModel
+from carousel.models.recurrent import detach_state, flatten_state, unflatten_state
+
+
+class Unit(Protocol):
+    metric: str  # the validation metric checkpoints are ranked by (lower is better)
+
+    def build_model(self) -> torch.nn.Module: ...
+    def train_loader(self, rank: int, world: int) -> Any: ...
+    def train_loss(self, engine, batch) -> tuple[torch.Tensor, int]: ...
+    def evaluate(self, module: torch.nn.Module, split: str, rank: int, world: int, max_batches: int | None) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any], device) -> None: ...
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class LMUnit:
+    metric = "val_ppl"
+
+    def __init__(self, spec: JobSpec, device: torch.device):
+        self.spec, self.device = spec, device
+        self.dataset = Dataset(spec.data.path, verify_checksums=spec.data.verify_checksums)
+        self.vocab_size = int(self.dataset.manifest.tokenizer["vocab_size"])
+        self.hidden = None
+
+    def build_model(self) -> LanguageModel:
+        return LanguageModel(self.spec.model, self.vocab_size)
+
+    def train_loader(self, rank: int, world: int) -> StreamLoader:
+        t = self.spec.train
+        return StreamLoader(self.dataset, self.spec.data.train_split, rank, world, t.batch_size, t.bptt)
+
+    def train_loss(self, engine, batch) -> tuple[torch.Tensor, int]:
+        x, y, fresh = batch
+        if fresh:
+            self.hidden = None  # a new pass over the streams starts from a zero state
+        loss, state = engine(x.to(self.device), self.hidden, targets=y.to(self.device))
+        self.hidden = detach_state(state)
+        return loss, y.numel()
+
+    @torch.no_grad()
+    def evaluate(self, module, split: str, rank: int, world: int, max_batches: int | None = None) -> dict[str, float]:
+        t = self.spec.train
+        loader = StreamLoader(self.dataset, split, rank, world, t.batch_size, t.bptt, max_windows=max_batches)
+        was_training = module.training
+        module.eval()
+        nll, count, state = 0.0, 0, None
+        for x, y, _ in loader:
+            loss, state = module(x.to(self.device), state, targets=y.to(self.device))
+            nll += float(loss) * y.numel()
+            count += y.numel()
+        module.train(was_training)
+        nll, count = _all_reduce_sum([nll, float(count)], self.device)
+        loss = nll / count
+        return {"loss": loss, "ppl": float(torch.exp(torch.tensor(loss))), "tokens": count}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"hidden": flatten_state(self.hidden)}
+
+    def load_state_dict(self, state: dict[str, Any], device) -> None:
+        self.hidden = unflatten_state(state["hidden"], self.spec.model.cell, device)
+
+
+def make_unit(spec: JobSpec, device: torch.device) -> LMUnit:
+    if spec.model.family == "lm":
+        return LMUnit(spec, device)
+    raise ValueError(f"model.family: no unit for {spec.model.family!r}")
