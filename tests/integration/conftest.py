@@ -28,20 +28,42 @@ def run(args, cwd=None, env=None, check=True, timeout=900):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real single-node Ray cluster (head only, 2 CPUs) for the whole session; yields its address."""
+def ray_cluster(tmp_path_factory):
+    """A real single-node Ray cluster (head only, 2 CPUs) for the whole session; yields its address.
+
+    ``ray start --block`` in its own session, stopped with SIGTERM, tears down exactly the processes
+    it started (``ray stop`` would kill every Ray cluster on the machine).
+    """
+    import signal
+    import time
+
     from ray._private.services import get_node_ip_address
 
     port = free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    run([BIN / "ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-         "--disable-usage-stats"], env=env, timeout=180)
+    log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         f"--dashboard-port={free_port()}", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+         f"--ray-client-server-port={free_port()}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
     # Ray drivers address the head by the node's IP (what `ray start` prints), not by loopback.
     address = f"{get_node_ip_address()}:{port}"
+    deadline = time.time() + 120
+    while "Ray runtime started" not in Path(log.name).read_text():
+        if head.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"ray start failed:\n{Path(log.name).read_text()[-4000:]}")
+        time.sleep(0.5)
     try:
         yield address
     finally:
-        run([BIN / "ray", "stop", "--force"], env=env, check=False, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
 
 
 @pytest.fixture(scope="session")
