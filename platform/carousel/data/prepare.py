@@ -59,7 +59,9 @@ def prepare_text(
     tok_sha = atomic_write(root.join(TOKENIZER_FILE), tok_json.encode("utf-8"))
 
     if not ray.is_initialized():
-        ray.init(logging_level="ERROR", log_to_driver=False)
+        from carousel.ray_session import init_ray
+
+        init_ray()
     task = ray.remote(num_cpus=1)(_tokenize_and_write)
     tok_ref = ray.put(tok_json)
     pending: dict[str, list] = {}

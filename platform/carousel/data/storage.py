@@ -21,23 +21,26 @@ _CHUNK = 1 << 20
 class Location:
     fs: pafs.FileSystem
     path: str  # path inside fs, no scheme
+    options: str = ""  # the URI's query (e.g. endpoint_override=...), kept so uri() round-trips
 
     @classmethod
     def parse(cls, uri: str) -> "Location":
         if "://" not in uri:
             return cls(pafs.LocalFileSystem(), os.path.abspath(uri))
         fs, path = pafs.FileSystem.from_uri(uri)
-        return cls(fs, path)
+        return cls(fs, path, uri.split("?", 1)[1] if "?" in uri else "")
 
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     def join(self, *parts: str) -> "Location":
-        return Location(self.fs, "/".join([self.path.rstrip("/"), *parts]))
+        return Location(self.fs, "/".join([self.path.rstrip("/"), *parts]), self.options)
 
     def uri(self) -> str:
-        return self.path if self.is_local else f"{self.fs.type_name}://{self.path}"
+        if self.is_local:
+            return self.path
+        return f"{self.fs.type_name}://{self.path}" + (f"?{self.options}" if self.options else "")
 
     def exists(self) -> bool:
         return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
