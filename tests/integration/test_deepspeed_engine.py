@@ -64,3 +64,42 @@ def test_gradient_accumulation_steps_once_per_boundary(deepspeed):
         changed = any(not torch.equal(p, b) for p, b in zip(engine.module.parameters(), before))
         assert changed == (i == 2)
     assert engine.global_steps == 1
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a hostile checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (1, "fp32"), (2, "bf16")])
+def test_engine_checkpoints_load_weights_only_and_refuse_pickle_payloads(deepspeed, tmp_path, zero_stage, precision):
+    from carousel.train.safe_load import weights_only_engine
+
+    train = TrainConfig(max_steps=10, batch_size=2, zero_stage=zero_stage, precision=precision)
+    engine = engine_for(deepspeed, train, lr=0.01)
+    x = torch.randint(0, 20, (2, 12))
+    loss, _ = engine(x, None, targets=x)
+    engine.backward(loss)
+    engine.step()
+    engine.save_checkpoint(str(tmp_path), tag="t")
+    want = {k: v.clone() for k, v in engine.module.state_dict().items()}
+
+    fresh = engine_for(deepspeed, train, lr=0.01)
+    with weights_only_engine(fresh):
+        fresh.load_checkpoint(str(tmp_path), tag="t")  # a genuine checkpoint loads
+    assert all(torch.equal(want[k], v) for k, v in fresh.module.state_dict().items())
+
+    model_states = tmp_path / "t" / "mp_rank_00_model_states.pt"
+    state = torch.load(model_states, weights_only=False)
+    marker = tmp_path / "pwned"
+    state["payload"] = _Payload(marker)
+    torch.save(state, model_states)
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        with weights_only_engine(fresh):
+            fresh.load_checkpoint(str(tmp_path), tag="t")
+    assert not marker.exists()  # the payload never ran
