@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import socket
 import subprocess
 import time
@@ -33,6 +34,7 @@ class RunRecord:
     status: str = "RUNNING"  # RUNNING | HALTED | FINISHED | FAILED | KILLED
     step: int = 0
     created: float = 0.0
+    driver: dict[str, Any] | None = None  # host and pid of the driver that last opened the run
 
     @staticmethod
     def location(storage_path: str, name: str) -> Location:
@@ -57,6 +59,57 @@ def git_commit() -> str | None:
         return None
 
 
+def _this_driver() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_dead_runs(storage_path: str) -> list[str]:
+    """Mark KILLED the runs this host's drivers left RUNNING when they died (SIGKILL, OOM, power).
+
+    Only runs whose driver ran on this host are judged (its pid tells); a run driven from another
+    host is left alone rather than guessed at. Returns the names of the runs it closed.
+    """
+    root = Location.parse(storage_path)
+    if not root.exists():
+        return []
+    import pyarrow.fs as pafs
+
+    closed = []
+    for info in root.fs.get_file_info(pafs.FileSelector(root.path, recursive=False)):
+        if info.type != pafs.FileType.Directory:
+            continue
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            rec = RunRecord.load(storage_path, name)
+        except (ValueError, TypeError):
+            continue  # not a Carousel run record
+        if rec is None or rec.status != "RUNNING" or not rec.driver:
+            continue
+        if rec.driver.get("host") != socket.gethostname() or _pid_alive(int(rec.driver["pid"])):
+            continue
+        try:
+            c = client(rec.tracking_uri)
+            c.set_tag(rec.mlflow_run_id, "carousel.status", "KILLED")
+            c.set_tag(rec.mlflow_run_id, "carousel.status_reason", f"driver pid {rec.driver['pid']} died")
+            c.set_terminated(rec.mlflow_run_id, status="KILLED")
+        except Exception:  # noqa: BLE001 - a store we cannot reach now; the record still tells the truth
+            pass
+        rec.status = "KILLED"
+        rec.save(storage_path)
+        closed.append(name)
+    return closed
+
+
 def free_name(storage_path: str, name: str) -> str:
     n = 2
     candidate = name
@@ -76,13 +129,16 @@ def open_run(spec: JobSpec, tracking_uri: str, extra_tags: dict[str, str] | None
     from mlflow.entities import Param, RunTag
 
     storage = spec.run.storage_path
+    sweep_dead_runs(storage)
     name = free_name(storage, spec.run_name)
     record = RunRecord.load(storage, name)
     c = client(tracking_uri)
     if record is not None:
         c.update_run(record.mlflow_run_id, status="RUNNING")
+        c.set_tag(record.mlflow_run_id, "carousel.status", "RUNNING")
         record.status = "RUNNING"
         record.spec = spec.model_dump(mode="json")
+        record.driver = _this_driver()
         record.save(storage)
         return record, True
 
@@ -100,7 +156,8 @@ def open_run(spec: JobSpec, tracking_uri: str, extra_tags: dict[str, str] | None
     run = c.create_run(exp_id, run_name=name, tags=tags)
     params = [Param(k, _param_value(v)) for k, v in flatten(spec.model_dump(mode="json")).items()]
     c.log_batch(run.info.run_id, params=params, tags=[RunTag("carousel.storage", storage)])
-    record = RunRecord(name, run.info.run_id, exp_id, tracking_uri, spec.model_dump(mode="json"), created=time.time())
+    record = RunRecord(name, run.info.run_id, exp_id, tracking_uri, spec.model_dump(mode="json"),
+                       created=time.time(), driver=_this_driver())
     record.save(storage)
     return record, False
 
