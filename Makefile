@@ -8,7 +8,9 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.carousel-installed
-DEBIAN_PACKAGES := bible-kjv libaio-dev
+# bible-kjv: the text corpus; flite, espeak-ng: speech synthesis; pocketsphinx-testdata: real LibriVox
+# clips; libsndfile1: audio I/O; libaio-dev: lets DeepSpeed's op probe link; chromium(-driver): UI tests.
+DEBIAN_PACKAGES := bible-kjv libaio-dev flite espeak-ng pocketsphinx-testdata libsndfile1 chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 DEMO_DATA := data/kjv-bpe

@@ -49,7 +49,7 @@ def _load(job: Path, overrides: list[str] | None):
 
 @prepare_app.command("text")
 def prepare_text(
-    out: Annotated[Path, typer.Option("--out", "-o", help="dataset directory (or s3://, gs:// URI)")],
+    out: Annotated[str, typer.Option("--out", "-o", help="dataset directory (or s3://, gs:// URI)")],
     kjv: Annotated[bool, typer.Option("--kjv", help="the King James Bible from Debian's bible-kjv")] = False,
     input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="text file or directory (repeatable)")] = None,
     tokenizer: Annotated[str, typer.Option(help="bpe | char | word")] = "bpe",
@@ -86,6 +86,71 @@ def prepare_text(
         typer.echo(f"  {name:5s} {len(split.shards):3d} shards {split.rows:8d} lines {split.tokens:10d} tokens")
     if m.rejected:
         typer.echo(f"  rejected {len(m.rejected)} lines (listed in the manifest)")
+
+
+def _voice_list(value: str | None, default: list[str]) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else list(default)
+
+
+@prepare_app.command("speech")
+def prepare_speech(
+    out: Annotated[str, typer.Option("--out", "-o", help="dataset directory (or s3://, gs:// URI)")],
+    manifest: Annotated[Optional[Path], typer.Option("--manifest", "-m", help="JSONL or CSV: audio, text, [speaker], [split]")] = None,
+    synthesize: Annotated[bool, typer.Option("--synthesize", help="speak text with flite and espeak-ng voices")] = False,
+    text: Annotated[Optional[list[str]], typer.Option("--text", help="--synthesize: text file(s) to speak (default: KJV)")] = None,
+    utterances: Annotated[int, typer.Option(help="--synthesize: training utterances")] = 2000,
+    held_out: Annotated[int, typer.Option(help="--synthesize: utterances in each of valid and test")] = 200,
+    voices: Annotated[Optional[str], typer.Option(help="--synthesize: training voices, e.g. flite:awb,espeak:en-us+f3")] = None,
+    valid_voices: Annotated[Optional[str], typer.Option(help="--synthesize: held-out voices for validation")] = None,
+    test_voices: Annotated[Optional[str], typer.Option(help="--synthesize: held-out voices for test")] = None,
+    max_chars: Annotated[int, typer.Option(help="--synthesize: longest phrase, in characters")] = 80,
+    seed: Annotated[int, typer.Option(help="--synthesize: phrase order, voices' speeds and pitches")] = 0,
+    valid_fraction: Annotated[float, typer.Option(help="--manifest: share of speakers (or files) held out for validation")] = 0.1,
+    test_fraction: Annotated[float, typer.Option(help="--manifest: share held out for test")] = 0.1,
+    chars: Annotated[str, typer.Option(help="the character vocabulary (after lower-casing; punctuation becomes space)")] = " 'abcdefghijklmnopqrstuvwxyz",
+    sample_rate: Annotated[int, typer.Option(help="audio is resampled to this rate")] = 16000,
+    n_mels: Annotated[int, typer.Option(help="log-mel filterbank bins")] = 80,
+    shard_utts: Annotated[int, typer.Option(help="utterances per Arrow shard (one Ray task each)")] = 128,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing dataset")] = False,
+    address: AddressOpt = None,
+) -> None:
+    """Speech corpus -> log-mel features in Arrow shards (parallel Ray tasks) with a manifest."""
+    from carousel.data import speech as sp
+    from carousel.data.corpus import read_kjv, read_text_files
+    from carousel.data.shards import DataError
+    from carousel.ray_session import init_ray
+
+    if synthesize == bool(manifest):
+        _fail("give exactly one source: --manifest FILE or --synthesize")
+    vocab = sp.Vocabulary(chars)
+    settings = sp.FeatureSettings(sample_rate=sample_rate, n_mels=n_mels)
+    try:
+        if manifest:
+            items, rejected, source = sp.read_speech_manifest(manifest, vocab, valid_fraction, test_fraction)
+        else:
+            vs = {"train": _voice_list(voices, sp.DEFAULT_VOICES["train"]),
+                  "valid": _voice_list(valid_voices, sp.DEFAULT_VOICES["valid"]),
+                  "test": _voice_list(test_voices, sp.DEFAULT_VOICES["test"])}
+            sp.check_engines([v for split in vs.values() for v in split])
+            corpus = read_text_files(text, 0.05, 0.05) if text else read_kjv()
+            texts = {s: [t for _, t in corpus.records[s]] for s in sp.SPLITS}
+            items, rejected = sp.synthesis_items(texts, vs, {"train": utterances, "valid": held_out, "test": held_out},
+                                                 vocab, seed, max_chars)
+            source = {"corpus": "synthesized", "text": corpus.source, "voices": vs, "seed": seed, "max_chars": max_chars}
+        init_ray(address)
+        res = sp.prepare_speech(items, str(out), source, rejected, vocab, settings, shard_utts, overwrite)
+    except DataError as e:
+        _fail(str(e))
+    for r in res.rejected:
+        where = r.get("where") or f"{r.get('file')}:{r.get('line')}"
+        typer.secho(f"skipped {where}: {r['reason']}", fg=typer.colors.YELLOW, err=True)
+    st = res.manifest.speech["splits"]
+    typer.echo(f"prepared {res.root} in {res.seconds:.1f}s: {res.utterances} utterances "
+               f"({res.utterances / max(res.seconds, 1e-9):.1f} utt/s; {res.task_seconds:.1f} task-seconds)")
+    for name, s in st.items():
+        typer.echo(f"  {name:5s} {s['utterances']:6d} utterances {s['seconds'] / 60:7.1f} min {s['frames']:9d} frames "
+                   f"{len(s['speakers']):3d} speakers")
+    typer.echo(f"  rejected {len(res.rejected)} (listed in the manifest)")
 
 
 @data_app.command("verify")
@@ -144,6 +209,13 @@ def train(
         typer.echo(f"  best validation perplexity {m['best_val_ppl']:.2f}")
     if "test_ppl" in m:
         typer.echo(f"  test perplexity            {m['test_ppl']:.2f}")
+    if "best_val_cer" in m:
+        typer.echo(f"  best validation CER        {m['best_val_cer']:.2%}")
+    for label, key in (("test", "test"), ("LibriVox", "librivox")):
+        cer, wer = m.get(f"{key}_cer", outcome.model.get("metrics", {}).get(f"{key}_cer")), \
+            m.get(f"{key}_wer", outcome.model.get("metrics", {}).get(f"{key}_wer"))
+        if cer is not None:
+            typer.echo(f"  {label + ' CER / WER':26s} {cer:.2%} / {wer:.2%}")
     if outcome.model.get("registered_model"):
         alias = outcome.model.get("alias")
         typer.echo(f"  registered model           models:/{outcome.model['registered_model']}/{outcome.model['version']}"
@@ -196,6 +268,58 @@ def generate(
         typer.echo(lm.generate(prompt, max_tokens, temperature, top_k or None, seed + i))
 
 
+def _model_dir(model: str | None, checkpoint: str | None) -> Path:
+    """A model/ directory from a checkpoint (verified) or from MLflow (downloaded)."""
+    from carousel.train import checkpoint as ckpt
+
+    if bool(model) == bool(checkpoint):
+        _fail("give exactly one of --model URI or --checkpoint DIR")
+    if checkpoint:
+        try:
+            ckpt.verify(checkpoint, ckpt.read_meta(checkpoint)["world_size"])
+        except ckpt.CheckpointError as e:
+            _fail(str(e))
+        return Path(checkpoint) / ckpt.MODEL_DIR
+    import mlflow
+
+    from carousel.tracking.store import resolve_tracking_uri
+
+    uri = resolve_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model.rstrip('/')}/artifacts/model"))
+
+
+@app.command()
+def transcribe(
+    files: Annotated[list[Path], typer.Argument(help="audio files (WAV, FLAC; any sample rate)")],
+    model: Annotated[Optional[str], typer.Option(help="MLflow model URI, e.g. models:/asr-flite@best")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="a Carousel checkpoint directory")] = None,
+    decoder: Annotated[str, typer.Option(help="greedy | beam")] = "greedy",
+    beam_width: int = 16,
+) -> None:
+    """Transcribe audio files with a speech (ctc) model: one `FILE<TAB>text` line each."""
+    from carousel.tracking.asr_model import LoadedASR
+
+    if decoder not in ("greedy", "beam"):
+        _fail(f"--decoder: {decoder!r} is not greedy or beam")
+    try:
+        asr = LoadedASR(_model_dir(model, checkpoint))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    failed = 0
+    for f in files:
+        try:
+            text = asr.transcribe(f, decoder, beam_width)
+        except Exception as e:  # noqa: BLE001 - name the file, go on with the others
+            typer.secho(f"{f}: cannot transcribe ({type(e).__name__}: {e})", fg=typer.colors.RED, err=True)
+            failed += 1
+            continue
+        typer.echo(f"{f}\t{text}")
+    if failed:
+        raise typer.Exit(1)
+
+
 @app.command("eval")
 def evaluate(
     data: Annotated[str, typer.Option(help="prepared dataset directory")],
@@ -244,6 +368,15 @@ def ui(
     if uri.startswith("sqlite:///"):
         cmd += ["--default-artifact-root", Path(DEFAULT_ARTIFACTS).resolve().as_uri()]
     os.execv(sys.executable, cmd)
+
+
+# Ray Jobs and the local cluster (issue 5): their commands live beside their code.
+from carousel.cluster.cli import cluster_app  # noqa: E402
+from carousel.jobs.cli import jobs_app, submit  # noqa: E402
+
+app.command()(submit)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(cluster_app, name="cluster")
 
 
 def main() -> None:

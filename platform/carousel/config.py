@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 
 class SpecError(ValueError):
@@ -70,6 +70,92 @@ class ModelConfig(Strict):
         return self.proj or self.hidden
 
 
+class FrontendConfig(Strict):
+    """Acoustic frontend: how feature frames become the recurrent core's (fewer) input steps."""
+
+    kind: Literal["stack", "conv"] = Field(
+        "stack", description="stack: concatenate `stride` frames; conv: 2-D conv layers, each stride 2"
+    )
+    stride: int = Field(3, ge=1, le=8, description="feature frames per CTC output step")
+    channels: int = Field(32, ge=1, description="conv: channels of each conv layer")
+    size: int | None = Field(None, ge=1, description="linear projection after the frontend (None: none)")
+
+    @model_validator(mode="after")
+    def _stride(self) -> "FrontendConfig":
+        if self.kind == "conv" and self.stride not in (2, 4, 8):
+            raise ValueError("stride: a conv frontend subsamples by 2 per layer, so stride must be 2, 4 or 8")
+        return self
+
+
+class SpecAugmentConfig(Strict):
+    """Time and frequency masks on training features (Park et al. 2019); counts 0 turn it off."""
+
+    freq_masks: int = Field(2, ge=0)
+    freq_width: int = Field(10, ge=0, description="max mel bins per frequency mask")
+    time_masks: int = Field(2, ge=0)
+    time_width: int = Field(20, ge=0, description="max frames per time mask")
+    time_ratio: float = Field(0.1, ge=0.0, le=1.0, description="a time mask covers at most this share of the utterance")
+
+
+class CTCModelConfig(Strict):
+    """Acoustic model: frontend -> stacked (Bi)LSTM/GRU -> CTC head over the dataset's characters."""
+
+    family: Literal["ctc"]
+    cell: Literal["lstm", "gru"] = "lstm"
+    layers: int = Field(3, ge=1, le=64)
+    hidden: int = Field(256, ge=1)
+    proj: int | None = Field(None, ge=1, description="LSTM output projection size (LSTMP)")
+    bidirectional: bool = True
+    residual: bool = True
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="locked dropout between layers")
+    input_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    output_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    gate_bias: float = 1.0
+    frontend: FrontendConfig = FrontendConfig()
+    specaugment: SpecAugmentConfig = SpecAugmentConfig()
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "CTCModelConfig":
+        if self.proj is not None:
+            if self.cell != "lstm":
+                raise ValueError("proj: a projection needs cell: lstm")
+            if self.proj >= self.hidden:
+                raise ValueError(f"proj: must be < hidden ({self.hidden})")
+        return self
+
+    @property
+    def output_size(self) -> int:
+        return (self.proj or self.hidden) * (2 if self.bidirectional else 1)
+
+
+FAMILIES = ("lm", "ctc")
+
+
+def _family(v: Any) -> str:
+    # Specs written before there were families have no `family` key: they are LMs.
+    return (v.get("family", "lm") if isinstance(v, dict) else getattr(v, "family", "lm")) or "lm"
+
+
+AnyModelConfig = Annotated[
+    Union[Annotated[ModelConfig, Tag("lm")], Annotated[CTCModelConfig, Tag("ctc")]],
+    Discriminator(_family, custom_error_type="invalid_family",
+                  custom_error_message="family: must be one of lm, ctc"),
+]
+
+
+class SpeechConfig(Strict):
+    """Batching, evaluation and decoding of the ctc family."""
+
+    frames_per_batch: int = Field(
+        6000, ge=1, description="per worker and micro-batch: utterances x longest utterance (padded feature frames)"
+    )
+    eval_utterances: int | None = Field(None, ge=1, description="cap utterances per validation pass (None: all)")
+    decoder: Literal["greedy", "beam"] = "greedy"
+    beam_width: int = Field(16, ge=1)
+    librivox: bool = Field(True, description="at the end, WER/CER on the LibriVox clips of pocketsphinx-testdata")
+    sample_rows: int = Field(20, ge=0, description="reference/hypothesis pairs logged as an MLflow table")
+
+
 class TrainConfig(Strict):
     max_steps: int = Field(ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1, description="parallel token streams per worker")
@@ -112,7 +198,7 @@ class RunConfig(Strict):
     storage_path: str = Field("runs", description="local dir or URI for checkpoints and run state")
     max_failures: int = Field(1, ge=-1, description="worker-group restarts (-1: unlimited)")
     checkpoint_every: int = Field(100, ge=1)
-    keep_best: int = Field(2, ge=1, description="checkpoints kept, ranked by validation perplexity")
+    keep_best: int = Field(2, ge=1, description="checkpoints kept, ranked by the family's validation metric (val_ppl, val_cer)")
 
 
 class TrackingConfig(Strict):
@@ -130,16 +216,21 @@ class JobSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = 0
     data: DataConfig
-    model: ModelConfig = ModelConfig()
+    model: AnyModelConfig = ModelConfig()
     train: TrainConfig
+    speech: SpeechConfig | None = None
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _cadence(self) -> "JobSpec":
+        if self.speech is not None and self.model.family != "ctc":
+            raise ValueError("speech: only for model.family ctc")
+        if self.model.family == "ctc" and self.speech is None:
+            self.__dict__["speech"] = SpeechConfig()  # defaults, without re-running validation
         if self.run.checkpoint_every % self.train.eval_every:
-            # Checkpoints are ranked by validation perplexity, so each one must carry a fresh value.
+            # Checkpoints are ranked by a validation metric, so each one must carry a fresh value.
             raise ValueError(
                 f"run.checkpoint_every: must be a multiple of train.eval_every ({self.train.eval_every})"
             )
@@ -154,7 +245,10 @@ class JobSpec(Strict):
 
 
 def _format_error(err: dict[str, Any]) -> str:
-    path = ".".join(str(p) for p in err["loc"] if p not in ("function-after",))
+    loc = list(err["loc"])
+    if len(loc) > 1 and loc[0] == "model" and loc[1] in FAMILIES:
+        del loc[1]  # the union's tag: the user wrote model.hidden, not model.ctc.hidden
+    path = ".".join(str(p) for p in loc if p not in ("function-after",))
     kind, ctx = err["type"], err.get("ctx", {})
     messages = {
         "extra_forbidden": "unknown field",
@@ -164,6 +258,9 @@ def _format_error(err: dict[str, Any]) -> str:
         "less_than": f"must be < {ctx.get('lt')}",
         "less_than_equal": f"must be <= {ctx.get('le')}",
     }
+    if kind == "invalid_family":
+        got = err["input"].get("family") if isinstance(err.get("input"), dict) else err.get("input")
+        return f"{path}.family: must be one of {', '.join(FAMILIES)} (got {got!r})"
     msg = messages.get(kind)
     if msg is None:
         msg = err["msg"].removeprefix("Value error, ")

@@ -23,6 +23,46 @@ def token_available() -> bool:
     return Path(path).is_file()
 
 
+def token_source() -> str | None:
+    """Where a Ray auth token would come from, in Ray's own order (None: nowhere)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "$RAY_AUTH_TOKEN"
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return str(path) if path.is_file() else None
+
+
+def read_token() -> str | None:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    src = token_source()
+    return Path(src).read_text().strip() if src else None
+
+
+def ensure_token() -> str:
+    """The token a cluster started here uses: the existing one, or a new one where Ray keeps it."""
+    src = token_source()
+    if src:
+        return src
+    import secrets
+
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # what Ray's own generator writes
+    return str(path)
+
+
+def auth_hint(address: str, status: int | None = None) -> str:
+    """A clear message for a refused (401) or rejected (403) token, or a failed connection."""
+    src = token_source()
+    if status == 403 or (status is None and src):
+        return (f"the Ray cluster at {address} rejected the auth token from {src}: it is not that cluster's token "
+                "(copy the cluster's ~/.ray/auth_token, or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)")
+    return (f"the Ray cluster at {address} requires token authentication and no token was found "
+            "(set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or copy the cluster's token to ~/.ray/auth_token)")
+
+
 def auth_env_for(address: str | None) -> dict[str, str]:
     """Environment to add before connecting (pure: tested without a cluster)."""
     if address and address != "auto" and "RAY_AUTH_MODE" not in os.environ and token_available():
@@ -37,10 +77,32 @@ def worker_env() -> dict[str, str]:
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
         "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
     }
-    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "DS_ACCELERATOR"):
+    # Workers read shards and write checkpoints with the driver's object-store credentials when it
+    # has them (on clouds, node roles usually make these unnecessary).
+    forwarded = (
+        "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "DS_ACCELERATOR",
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+        "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS",
+    )
+    for k in forwarded:
         if k in os.environ:
             env[k] = os.environ[k]
     return env
+
+
+def job_compatible(env: dict[str, str]) -> dict[str, str]:
+    """Inside a Ray job, leave out env vars the job's runtime_env already sets: Ray refuses to merge
+    a driver's runtime_env with the job's when they share a key (the job's value wins anyway)."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return env
+    try:
+        job_env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return env
+    return {k: v for k, v in env.items() if k not in job_env}
 
 
 def init_ray(address: str | None = None) -> None:
@@ -51,11 +113,12 @@ def init_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": worker_env()}
+    runtime_env = {"env_vars": job_compatible(worker_env())}
     if not address:
-        # An embedded single-node instance. Its dashboard (bound to 127.0.0.1) serves the State API
-        # that Ray Train's controller monitoring queries; without it that monitor logs errors.
-        ray.init(runtime_env=runtime_env, logging_level="WARNING")
+        # A fresh embedded instance ("local"): a bare ray.init() would attach to whatever cluster
+        # `ray start` last left on this machine. Its dashboard (bound to 127.0.0.1) serves the
+        # State API that Ray Train's controller monitoring queries.
+        ray.init(address="local", runtime_env=runtime_env, logging_level="WARNING")
         return
     try:
         ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
@@ -65,3 +128,30 @@ def init_ray(address: str | None = None) -> None:
             "~/.ray/auth_token)" if not token_available() else "is the cluster up, and is the token its own?"
         )
         raise RayConnectionError(f"cannot connect to the Ray cluster at {address}: {hint} ({e})") from None
+
+
+def fit_interruptibly(trainer):
+    """``trainer.fit()`` on a helper thread while the main thread waits in short, interruptible joins.
+
+    A driver blocked in ``ray.get`` (where ``fit`` waits for the Train controller) never runs Python
+    signal handlers: measured with Ray 2.60, a job driver given SIGTERM by ``ray job stop`` sat there
+    until the supervisor's SIGKILL, and its MLflow run stayed RUNNING. Ray Train supports ``fit`` off
+    the main thread (Tune does it), and the main thread then handles SIGTERM/SIGINT at once.
+    """
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="trainer.fit", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

@@ -1,4 +1,4 @@
-"""Halted-and-resumed, and killed-and-restarted (FailureConfig), runs match an uninterrupted run step for step."""
+"""A run halted after N steps and resumed matches an uninterrupted run step for step."""
 
 import pytest
 
@@ -30,39 +30,11 @@ def test_halt_and_resume_matches_uninterrupted_run(workdir, kjv_tiny, cluster_en
     assert "resuming run staged" in resumed.stdout
     assert "resuming at step 10" in resumed.stdout + resumed.stderr
 
-    killed_out = train_and_kill_a_worker(
-        [BIN / "carousel", "train", JOB, *COMMON, *data, "--set", "run.name=killed"], workdir, cluster_env, at_step=14
-    )
-    assert "resuming at step 10" in killed_out  # the restarted group began from the latest checkpoint
-
     c = tracking_client(workdir)
     r_straight, straight, _ = losses(c, "straight")
-    for name in ("staged", "killed"):
+    for name in ("staged",):
         r, other, steps = losses(c, name)
         assert steps == list(range(1, 31)), name  # one MLflow run, every step logged exactly once
         assert r.info.status == "FINISHED"
         diffs = [abs(straight[s] - other[s]) for s in range(1, 31)]
         assert max(diffs) < 1e-5, (name, diffs)
-
-
-def train_and_kill_a_worker(args, cwd, env, at_step: int) -> str:
-    """Run training, SIGKILL rank 0's worker process when it reports ``at_step``; return the output."""
-    import os
-    import re
-    import signal
-    import subprocess
-
-    proc = subprocess.Popen([str(a) for a in args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    out, killed = [], None
-    for line in proc.stdout:
-        out.append(line)
-        m = re.search(r"RayTrainWorker pid=(\d+)\).*step\s+(\d+)/", line)
-        if killed is None and m and int(m.group(2)) == at_step:
-            killed = int(m.group(1))
-            os.kill(killed, signal.SIGKILL)
-    proc.wait(timeout=600)
-    text = "".join(out)
-    assert killed is not None, text[-3000:]
-    assert proc.returncode == 0, text[-5000:]
-    return text

@@ -25,6 +25,21 @@ TEXT_SCHEMA = pa.schema(
     [pa.field("doc", pa.string()), pa.field("ids", pa.list_(pa.int32()))],
     metadata={"carousel.schema_version": str(SCHEMA_VERSION), "carousel.kind": "text"},
 )
+# One row per utterance: ``ids`` are its label ids (so token counts work as for text), ``feats``
+# its log-mel frames flattened row-major ([frames x n_mels], n_mels in the manifest), float16
+# because it halves the bytes of fp32 at a precision (~3 digits) far below the features' noise.
+SPEECH_SCHEMA = pa.schema(
+    [
+        pa.field("utt", pa.string()),
+        pa.field("speaker", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("ids", pa.list_(pa.int32())),
+        pa.field("frames", pa.int32()),
+        pa.field("feats", pa.list_(pa.float16())),
+    ],
+    metadata={"carousel.schema_version": str(SCHEMA_VERSION), "carousel.kind": "speech"},
+)
+SCHEMAS = {"text": TEXT_SCHEMA, "speech": SPEECH_SCHEMA}
 
 
 class DataError(RuntimeError):
@@ -60,6 +75,7 @@ class Manifest:
     splits: dict[str, SplitInfo]
     source: dict[str, Any] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    speech: dict[str, Any] = field(default_factory=dict)  # features, normalization, per-split stats
     schema_version: int = SCHEMA_VERSION
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
@@ -88,6 +104,7 @@ class Manifest:
                 splits=splits,
                 source=d.get("source", {}),
                 rejected=d.get("rejected", []),
+                speech=d.get("speech", {}),
                 schema_version=d["schema_version"],
                 created=d.get("created", ""),
             )
@@ -155,8 +172,9 @@ class Dataset:
                 table.validate(full=True)
         except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
             raise DataError(f"{where}: not a readable Arrow IPC file ({e})") from None
-        if table.schema.remove_metadata() != TEXT_SCHEMA.remove_metadata():
-            raise DataError(f"{where}: schema {table.schema} is not the text shard schema")
+        kind = self.manifest.kind
+        if kind not in SCHEMAS or table.schema.remove_metadata() != SCHEMAS[kind].remove_metadata():
+            raise DataError(f"{where}: schema {table.schema} is not the {kind} shard schema")
         if table.num_rows != shard.rows:
             raise DataError(f"{where}: {table.num_rows} rows != {shard.rows} in the manifest")
         return table

@@ -5,7 +5,8 @@ Layout (each rank writes into its own local directory; Ray Train merges them in 
     engine/<tag>/...      DeepSpeed: module, optimizer (ZeRO partitions per rank), LR scheduler
     rank-<r>.pt           per rank: loader position, RNG states, TBPTT hidden state
     meta.json             rank 0: step, metrics, world size, MLflow run id, the resolved spec
-    model/                rank 0: fp32 weights + model.json + tokenizer.json, loadable without DeepSpeed
+    model/                rank 0: fp32 weights + model.json + the unit's files (tokenizer.json, vocab.json),
+                          loadable without DeepSpeed
     MANIFEST-rank<r>.json each rank, written last: size and sha256 of every file that rank wrote
 
 A checkpoint counts only when every rank's manifest is present and every file matches it; Ray
@@ -106,7 +107,8 @@ def save(
         mdir.mkdir(parents=True, exist_ok=True)
         torch.save(export["state_dict"], mdir / "weights.pt")
         _write_json_atomic(mdir / "model.json", export["model"])
-        (mdir / "tokenizer.json").write_text(export["tokenizer_json"], encoding="utf-8")
+        for name, text in export.get("files", {}).items():  # tokenizer.json / vocab.json: the unit decides
+            (mdir / name).write_text(text, encoding="utf-8")
         _write_json_atomic(root / META, {**meta, "tag": tag})
     write_rank_manifest(root, rank)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from carousel.config import JobSpec
-from carousel.data.shards import Dataset
+from carousel.data.shards import DataError, Dataset
 from carousel.data.streams import StreamLayout
-from carousel.ray_session import init_ray
+from carousel.ray_session import fit_interruptibly, init_ray
 
 
 @dataclass
@@ -28,9 +28,22 @@ class TrainOutcome:
     resumed: bool = False
 
 
+def ranking_metric(spec: JobSpec) -> str:
+    """The validation metric the family's unit ranks checkpoints by (lower is better)."""
+    from carousel.train.units import unit_class
+
+    return unit_class(spec.model.family).metric
+
+
 def preflight(spec: JobSpec) -> None:
     """Checks that need the data but touch nothing: raise before Ray or MLflow start."""
+    if spec.model.family == "ctc":
+        from carousel.train.ctc_unit import preflight_ctc
+
+        return preflight_ctc(spec)
     ds = Dataset(spec.data.path, verify_checksums=False)
+    if ds.manifest.kind != "text":
+        raise DataError(f"data.path: a {ds.manifest.kind} dataset; model.family lm needs `carousel prepare text`")
     t, world = spec.train, spec.scaling.num_workers
     for split in (spec.data.train_split, spec.data.valid_split, spec.data.test_split):
         StreamLayout(ds.split(split).tokens, world, t.batch_size, t.bptt).validate(f"data.path split {split!r}")
@@ -64,7 +77,7 @@ def build_trainer(spec: JobSpec, run_name: str, train_loop_config: dict[str, Any
             failure_config=ray.train.FailureConfig(max_failures=spec.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=spec.run.keep_best,
-                checkpoint_score_attribute="val_ppl",
+                checkpoint_score_attribute=ranking_metric(spec),
                 checkpoint_score_order="min",
             ),
         ),
@@ -75,7 +88,13 @@ class _Terminated(Exception):
     pass
 
 
+# Set by the handler: Ray Train catches and re-wraps exceptions raised inside fit(), so whether the
+# run was stopped by a signal is remembered here rather than read off the exception's type.
+_stopped_by: list[str] = []
+
+
 def _raise_terminated(signum, frame):
+    _stopped_by.append(signal.Signals(signum).name)
     raise _Terminated(signal.Signals(signum).name)
 
 
@@ -102,7 +121,9 @@ def train(spec: JobSpec, address: str | None = None, tracking_uri: str | None = 
         f"tracking {uri}",
         flush=True,
     )
+    _stopped_by.clear()
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    old_int = signal.signal(signal.SIGINT, _raise_terminated)
     status, step = "FAILED", None
     outcome = TrainOutcome(record.name, record.mlflow_run_id, uri, status, resumed=resumed)
     try:
@@ -111,11 +132,11 @@ def train(spec: JobSpec, address: str | None = None, tracking_uri: str | None = 
             record.name,
             {"spec": spec.model_dump(mode="json"), "mlflow_run_id": record.mlflow_run_id, "tracking_uri": uri},
         )
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)  # SIGTERM (ray job stop) is handled at once
         metrics = dict(result.metrics or {})
         step = metrics.get("step")
         outcome.metrics = metrics
-        best = _best_checkpoint(result)
+        best = _best_checkpoint(result, ranking_metric(spec))
         outcome.best_checkpoint = best
         if metrics.get("halted"):
             status = "HALTED"
@@ -127,7 +148,10 @@ def train(spec: JobSpec, address: str | None = None, tracking_uri: str | None = 
         status = "KILLED"
         raise
     finally:
+        if _stopped_by:
+            status = "KILLED"
         signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
         close_run(record, storage, status, step)
         outcome.status = status
         outcome.seconds = time.time() - t0
@@ -135,8 +159,8 @@ def train(spec: JobSpec, address: str | None = None, tracking_uri: str | None = 
     return outcome
 
 
-def _best_checkpoint(result) -> str | None:
-    scored = [(m.get("val_ppl", float("inf")), c.path) for c, m in (result.best_checkpoints or [])]
+def _best_checkpoint(result, metric: str) -> str | None:
+    scored = [(m.get(metric, float("inf")), c.path) for c, m in (result.best_checkpoints or [])]
     if not scored:
         return result.checkpoint.path if result.checkpoint else None
     return min(scored)[1]
@@ -145,6 +169,11 @@ def _best_checkpoint(result) -> str | None:
 def publish_model(spec: JobSpec, tracking_uri: str, run_id: str, checkpoint_path: str, metrics: dict) -> dict:
     """Log the best checkpoint's model to the run, register it, print a sample."""
     import mlflow
+
+    if spec.model.family == "ctc":
+        from carousel.tracking.asr_model import publish_asr
+
+        return publish_asr(spec, tracking_uri, run_id, checkpoint_path, metrics)
 
     from carousel.train import checkpoint as ckpt
     from carousel.tracking.lm_model import LoadedLM, log_and_register

@@ -6,7 +6,6 @@ calls ``ray.train.report`` at the same steps (it is a barrier). Rank 0 alone tal
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +43,8 @@ def train_worker(config: dict[str, Any]) -> None:
     from carousel.config import JobSpec
     from carousel.train import checkpoint as ckpt
     from carousel.train.deepspeed_config import deepspeed_config
-    from carousel.train.progress import progress_line, say, summary_lines
+    from carousel.train.progress import progress_line, say
+    from carousel.train.safe_load import weights_only_engine
     from carousel.train.schedule import build_scheduler
     from carousel.train.units import make_unit
 
@@ -63,7 +63,7 @@ def train_worker(config: dict[str, Any]) -> None:
     )
     loader = unit.train_loader(rank, world)
     seed_everything(spec.seed + 1 + rank)  # per-rank dropout streams
-    tokens_per_step = t.batch_size * t.bptt * t.grad_accum * world
+    metric = unit.metric  # checkpoints are ranked by it, lower is better
 
     step, best = 0, {}
     restored = ray.train.get_checkpoint()
@@ -77,7 +77,8 @@ def train_worker(config: dict[str, Any]) -> None:
                     "set scaling.num_workers back or start a new run"
                 )
             ckpt.verify(d, world)  # before DeepSpeed unpickles anything
-            engine.load_checkpoint(str(d / ckpt.ENGINE_DIR), tag=meta["tag"])
+            with weights_only_engine(engine):  # data, never code: see safe_load.py
+                engine.load_checkpoint(str(d / ckpt.ENGINE_DIR), tag=meta["tag"])
             state = ckpt.load_rank_state(d, rank)
         loader.load_state_dict(state["loader"])
         unit.load_state_dict(state["unit"], device)
@@ -102,7 +103,7 @@ def train_worker(config: dict[str, Any]) -> None:
             )
             monitor.start()
         params = sum(p.numel() for p in model.parameters())
-        for line in summary_lines(params, tokens_per_step, world, spec):
+        for line in unit.summary_lines(params, world):
             say(line)
         say(f"resuming at step {step}" if step else "starting at step 0")
 
@@ -112,15 +113,7 @@ def train_worker(config: dict[str, Any]) -> None:
     def save_and_report(metrics: dict[str, float]) -> None:
         export = meta = None
         if rank == 0:
-            export = {
-                "state_dict": ckpt.export_state_dict(engine.module),
-                "model": {
-                    "config": spec.model.model_dump(mode="json"),
-                    "vocab_size": unit.vocab_size,
-                    "tokenizer_sha256": unit.dataset.manifest.tokenizer["sha256"],
-                },
-                "tokenizer_json": unit.dataset.root.join(unit.dataset.manifest.tokenizer["file"]).read_bytes().decode(),
-            }
+            export = {"state_dict": ckpt.export_state_dict(engine.module), **unit.export()}
             meta = {
                 "step": step,
                 "world_size": world,
@@ -140,11 +133,12 @@ def train_worker(config: dict[str, Any]) -> None:
 
     engine.train()
     stage0_norm = float("nan")
-    window_t0, window_loss, window_steps = time.time(), 0.0, 0
+    window_t0, window_loss, window_steps, window_work = time.time(), 0.0, 0, 0
     run_t0, run_step0 = time.time(), step
     while step < t.max_steps:
         for micro in range(t.grad_accum):
-            loss, _ = unit.train_loss(engine, loader.next())
+            loss, work = unit.train_loss(engine, loader.next())
+            window_work += work  # tokens or frames: what the throughput counts
             engine.backward(loss)
             if micro == t.grad_accum - 1 and t.zero_stage == 0:
                 stage0_norm = local_grad_norm(engine.module)
@@ -156,46 +150,47 @@ def train_worker(config: dict[str, Any]) -> None:
         halt = step == t.halt_at_step
 
         if step % t.log_every == 0 or last or halt:
-            mean_loss = unit_mean = float(window_loss) / window_steps
+            unit_mean, total_work = float(window_loss) / window_steps, float(window_work)
             if world > 1:
                 import torch.distributed as dist
 
-                tl = torch.tensor([mean_loss], dtype=torch.float64)
+                tl = torch.tensor([unit_mean, total_work], dtype=torch.float64)
                 dist.all_reduce(tl)
-                unit_mean = float(tl) / world
+                unit_mean, total_work = float(tl[0]) / world, float(tl[1])
             if rank == 0:
                 elapsed = time.time() - window_t0
-                tps = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                per_s = total_work / max(elapsed, 1e-9)
                 lr = engine.get_lr()[0]
                 rate = (step - run_step0) / max(time.time() - run_t0, 1e-9)
+                extra = unit.train_metrics(unit_mean)
                 logger.log(
-                    {"train_loss": unit_mean, "train_ppl": math.exp(min(unit_mean, 50)), "lr": lr,
+                    {"train_loss": unit_mean, **extra, "lr": lr,
                      "grad_norm": stage0_norm if t.zero_stage == 0 else float(engine.get_global_grad_norm()),
-                     "tokens_per_s": tps},
+                     unit.rate_name: per_s},
                     step,
                 )
-                say(progress_line(step, t.max_steps, unit_mean, math.exp(min(unit_mean, 50)), lr, tps,
-                                  (t.max_steps - step) / max(rate, 1e-9)))
-            window_t0, window_loss, window_steps = time.time(), 0.0, 0
+                say(progress_line(step, t.max_steps, unit_mean, extra.get("train_ppl"), lr, per_s,
+                                  (t.max_steps - step) / max(rate, 1e-9), unit.rate_unit))
+            window_t0, window_loss, window_steps, window_work = time.time(), 0.0, 0, 0
 
         checkpoint_now = step % spec.run.checkpoint_every == 0 or last or halt
         if step % t.eval_every == 0 or checkpoint_now:
-            val = evaluate(spec.data.valid_split, t.eval_batches)
-            metrics: dict[str, Any] = {"step": step, "val_loss": val["loss"], "val_ppl": val["ppl"]}
-            if not best or val["ppl"] < best["val_ppl"]:
-                best = {"val_ppl": val["ppl"], "step": step}
-            metrics["best_val_ppl"] = best["val_ppl"]
+            val = unit.split_metrics("val", evaluate(spec.data.valid_split, t.eval_batches))
+            metrics: dict[str, Any] = {"step": step, **val}
+            if not best or val[metric] < best[metric]:
+                best = {metric: val[metric], "step": step}
+            metrics[f"best_{metric}"] = best[metric]
             if rank == 0:
-                logger.log({"val_loss": val["loss"], "val_ppl": val["ppl"], "best_val_ppl": best["val_ppl"]}, step)
-                say(f"step {step}: validation loss {val['loss']:.4f} | perplexity {val['ppl']:.2f}")
+                logger.log({**val, f"best_{metric}": best[metric]}, step)
+                say(f"step {step}: validation {unit.describe(val, 'val')}")
             if last:
                 # Ray Train's Result carries the metrics of the latest checkpoint: the final test
                 # figures must travel with the final checkpoint.
-                test = evaluate(spec.data.test_split, None)
-                metrics.update(test_loss=test["loss"], test_ppl=test["ppl"])
+                test = unit.split_metrics("test", evaluate(spec.data.test_split, None))
+                metrics.update(test)
                 if rank == 0:
-                    logger.log({"test_loss": test["loss"], "test_ppl": test["ppl"]}, step)
-                    say(f"test loss {test['loss']:.4f} | perplexity {test['ppl']:.2f}")
+                    logger.log(test, step)
+                    say(f"test {unit.describe(test, 'test')}")
             metrics["halted"] = halt
             if checkpoint_now:
                 save_and_report(metrics)

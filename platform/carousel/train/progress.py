@@ -27,11 +27,15 @@ def duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def progress_line(step: int, total: int, loss: float, ppl: float, lr: float, tokens_per_s: float, eta_s: float) -> str:
+def progress_line(
+    step: int, total: int, loss: float, ppl: float | None, lr: float, per_s: float, eta_s: float, unit: str = "tok/s"
+) -> str:
+    """``ppl`` None leaves perplexity out (it means nothing for a CTC loss); ``unit`` names what ``per_s`` counts."""
     width = len(str(total))
+    ppl_part = f" | ppl {ppl:9.2f}" if ppl is not None else ""
     return (
-        f"step {step:>{width}}/{total} | loss {loss:6.3f} | ppl {ppl:9.2f} | lr {lr:.2e} | "
-        f"{human(tokens_per_s)} tok/s | eta {duration(eta_s)}"
+        f"step {step:>{width}}/{total} | loss {loss:6.3f}{ppl_part} | lr {lr:.2e} | "
+        f"{human(per_s)} {unit} | eta {duration(eta_s)}"
     )
 
 

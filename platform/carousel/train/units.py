@@ -2,11 +2,14 @@
 
 A unit builds the model and its loaders, computes the training loss of one micro-batch, evaluates
 a split, and owns any state that flows between batches (the LM's TBPTT hidden state), which the
-loop saves in the checkpoint.
+loop saves in the checkpoint. It also names what the loop reports: the validation metric that
+ranks checkpoints, what throughput counts (tokens, frames), the metrics of a split, and what
+goes into the exported ``model/`` directory. The speech (CTC) unit lives in ctc_unit.py.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import torch
@@ -20,12 +23,19 @@ from carousel.models.recurrent import detach_state, flatten_state, unflatten_sta
 
 
 class Unit(Protocol):
-    metric: str  # the validation metric checkpoints are ranked by (lower is better)
+    metric: str  # the validation metric checkpoints are ranked by (lower is better), e.g. "val_ppl"
+    rate_name: str  # the throughput metric, e.g. "tokens_per_s"
+    rate_unit: str  # its unit on the progress line, e.g. "tok/s"
 
     def build_model(self) -> torch.nn.Module: ...
     def train_loader(self, rank: int, world: int) -> Any: ...
-    def train_loss(self, engine, batch) -> tuple[torch.Tensor, int]: ...
+    def train_loss(self, engine, batch) -> tuple[torch.Tensor, int]: ...  # (loss, work units of this rank)
     def evaluate(self, module: torch.nn.Module, split: str, rank: int, world: int, max_batches: int | None) -> dict[str, float]: ...
+    def split_metrics(self, prefix: str, result: dict[str, float]) -> dict[str, float]: ...
+    def describe(self, metrics: dict[str, float], prefix: str) -> str: ...
+    def train_metrics(self, mean_loss: float) -> dict[str, float]: ...
+    def summary_lines(self, params: int, world: int) -> list[str]: ...
+    def export(self) -> dict[str, Any]: ...  # {"model": model.json dict, "files": {name: text}}
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any], device) -> None: ...
 
@@ -39,6 +49,8 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
 
 class LMUnit:
     metric = "val_ppl"
+    rate_name = "tokens_per_s"
+    rate_unit = "tok/s"
 
     def __init__(self, spec: JobSpec, device: torch.device):
         self.spec, self.device = spec, device
@@ -77,6 +89,32 @@ class LMUnit:
         loss = nll / count
         return {"loss": loss, "ppl": float(torch.exp(torch.tensor(loss))), "tokens": count}
 
+    def split_metrics(self, prefix: str, result: dict[str, float]) -> dict[str, float]:
+        return {f"{prefix}_loss": result["loss"], f"{prefix}_ppl": result["ppl"]}
+
+    def describe(self, m: dict[str, float], prefix: str) -> str:
+        return f"loss {m[prefix + '_loss']:.4f} | perplexity {m[prefix + '_ppl']:.2f}"
+
+    def train_metrics(self, mean_loss: float) -> dict[str, float]:
+        return {"train_ppl": math.exp(min(mean_loss, 50))}
+
+    def summary_lines(self, params: int, world: int) -> list[str]:
+        from carousel.train.progress import summary_lines
+
+        t = self.spec.train
+        return summary_lines(params, t.batch_size * t.bptt * t.grad_accum * world, world, self.spec)
+
+    def export(self) -> dict[str, Any]:
+        tok = self.dataset.manifest.tokenizer
+        return {
+            "model": {
+                "config": self.spec.model.model_dump(mode="json"),
+                "vocab_size": self.vocab_size,
+                "tokenizer_sha256": tok["sha256"],
+            },
+            "files": {"tokenizer.json": self.dataset.root.join(tok["file"]).read_bytes().decode()},
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {"hidden": flatten_state(self.hidden)}
 
@@ -84,7 +122,15 @@ class LMUnit:
         self.hidden = unflatten_state(state["hidden"], self.spec.model.cell, device)
 
 
-def make_unit(spec: JobSpec, device: torch.device) -> LMUnit:
-    if spec.model.family == "lm":
-        return LMUnit(spec, device)
-    raise ValueError(f"model.family: no unit for {spec.model.family!r}")
+def unit_class(family: str) -> type:
+    if family == "lm":
+        return LMUnit
+    if family == "ctc":
+        from carousel.train.ctc_unit import CTCUnit
+
+        return CTCUnit
+    raise ValueError(f"model.family: no unit for {family!r}")
+
+
+def make_unit(spec: JobSpec, device: torch.device) -> Unit:
+    return unit_class(spec.model.family)(spec, device)

@@ -1,0 +1,524 @@
+"""A real multi-node Ray cluster on one machine, plus an MLflow tracking server: `carousel cluster up|down|status`.
+
+Every node is its own ``ray start --block`` process (own node id, resources and ports); the MLflow
+server is ``mlflow server --serve-artifacts`` bound to 127.0.0.1. Each process starts in a session
+of its own and carries ``CAROUSEL_CLUSTER_ID`` in its environment, which Ray passes on to every
+raylet worker and job driver it spawns. ``down`` signals the process groups it recorded, then
+sweeps the (few) descendants that live in sessions of their own (Ray job drivers) by that marker:
+it stops exactly what ``up`` started, never another cluster on the machine (``ray stop`` would).
+
+The state directory holds ``cluster.json`` (ports, addresses, PIDs), ``logs/``, the shared
+``storage/`` for checkpoints and the MLflow store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+STATE_FILE = "cluster.json"
+STATE_FILE_LAST = "cluster.last.json"
+MARKER = "CAROUSEL_CLUSTER_ID"
+WORKER_RESOURCE = "carousel_worker_node"
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("CAROUSEL_CLUSTER_DIR") or Path.home() / ".carousel" / "cluster")
+
+
+@dataclass
+class ClusterConfig:
+    workers: int = 2
+    head_cpus: int = 0  # training workers land on worker nodes
+    worker_cpus: int = 1
+    worker_gpus: int = 0
+    object_store_mb: int = 256
+    storage: str | None = None  # shared checkpoint storage; default <state>/storage
+    mlflow_backend: str | None = None  # default sqlite:///<state>/mlflow/mlflow.db; postgresql://... works
+    mlflow_auth: bool = False  # MLflow's basic-auth app
+    dashboard_port: int | None = None
+    mlflow_port: int | None = None
+    job_stop_wait_s: int = 30  # SIGTERM -> SIGKILL grace for stopped jobs (Ray's default is 3 s)
+
+
+@dataclass
+class Proc:
+    name: str
+    cmd: list[str]
+    log: str
+    pid: int = 0
+    create_time: float = 0.0
+
+
+@dataclass
+class ClusterState:
+    cluster_id: str
+    state_dir: str
+    node_ip: str
+    gcs_port: int
+    dashboard_port: int
+    client_port: int
+    mlflow_port: int
+    storage: str
+    mlflow_backend: str
+    mlflow_artifacts: str
+    mlflow_auth: bool
+    config: dict
+    temp_root: str = ""
+    processes: list[Proc] = field(default_factory=list)
+    started: float = 0.0
+    up_seconds: float = 0.0
+
+    @property
+    def gcs_address(self) -> str:
+        return f"{self.node_ip}:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.update(gcs_address=self.gcs_address, dashboard_url=self.dashboard_url, mlflow_uri=self.mlflow_uri)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ClusterState":
+        d = {k: v for k, v in d.items() if k not in ("gcs_address", "dashboard_url", "mlflow_uri")}
+        d["processes"] = [Proc(**p) for p in d.get("processes", [])]
+        return cls(**d)
+
+
+# ---------------------------------------------------------------- pure planning (unit-tested)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    from ray._private.services import get_node_ip_address
+
+    return get_node_ip_address()
+
+
+def plan(cfg: ClusterConfig, state_dir: Path, ip: str, port=free_port) -> ClusterState:
+    """Decide ports, paths and every command line; starts nothing."""
+    state_dir = state_dir.resolve()
+    if cfg.workers < 1:
+        raise ClusterError("--workers must be at least 1")
+    backend = cfg.mlflow_backend or f"sqlite:///{state_dir / 'mlflow' / 'mlflow.db'}"
+    st = ClusterState(
+        cluster_id=secrets.token_hex(8),
+        state_dir=str(state_dir),
+        node_ip=ip,
+        gcs_port=port(),
+        dashboard_port=cfg.dashboard_port or port(),
+        client_port=port(),
+        mlflow_port=cfg.mlflow_port or port(),
+        storage=str(Path(cfg.storage).resolve()) if cfg.storage else str(state_dir / "storage"),
+        mlflow_backend=backend,
+        mlflow_artifacts=str(state_dir / "mlflow" / "artifacts"),
+        mlflow_auth=cfg.mlflow_auth,
+        config=asdict(cfg),
+    )
+    # Each node its own Ray temp dir: nodes sharing one would share (and delete each other's)
+    # runtime_env working_dir copies, socket names and log files. Short, for unix socket paths.
+    st.temp_root = f"/tmp/carousel-{st.cluster_id}"
+    ray = str(Path(sys.executable).parent / "ray")
+    logs = state_dir / "logs"
+    mem = str(cfg.object_store_mb * 1024 * 1024)
+
+    def node_ports() -> list[str]:
+        # Fixed defaults (agent port 52365, ...) would collide between nodes on one machine.
+        return [
+            f"--node-manager-port={port()}", f"--object-manager-port={port()}",
+            f"--dashboard-agent-listen-port={port()}", f"--dashboard-agent-grpc-port={port()}",
+            f"--runtime-env-agent-port={port()}", f"--metrics-export-port={port()}",
+            "--min-worker-port=0", "--max-worker-port=0",
+        ]
+
+    head = [
+        ray, "start", "--head", "--block", f"--node-ip-address={ip}", f"--port={st.gcs_port}",
+        f"--num-cpus={cfg.head_cpus}", "--num-gpus=0", f"--object-store-memory={mem}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={st.dashboard_port}",
+        f"--ray-client-server-port={st.client_port}", "--disable-usage-stats", f"--temp-dir={st.temp_root}/head",
+        *node_ports(),
+    ]
+    st.processes.append(Proc("ray-head", head, str(logs / "ray-head.log")))
+    for i in range(1, cfg.workers + 1):
+        cmd = [
+            ray, "start", "--block", f"--address={st.gcs_address}", f"--node-ip-address={ip}",
+            f"--num-cpus={cfg.worker_cpus}", f"--num-gpus={cfg.worker_gpus}", f"--object-store-memory={mem}",
+            f"--resources={json.dumps({WORKER_RESOURCE: 1})}", "--disable-usage-stats", f"--temp-dir={st.temp_root}/w{i}",
+            *node_ports(),
+        ]
+        st.processes.append(Proc(f"ray-worker-{i}", cmd, str(logs / f"ray-worker-{i}.log")))
+    mlflow = [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+        "--serve-artifacts", "--artifacts-destination", st.mlflow_artifacts,
+        "--host", "127.0.0.1", "--port", str(st.mlflow_port), "--workers", "1",
+    ]
+    if cfg.mlflow_auth:
+        mlflow += ["--app-name", "basic-auth"]
+    st.processes.append(Proc("mlflow", mlflow, str(logs / "mlflow.log")))
+    return st
+
+
+def process_env(st: ClusterState, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every process the cluster runs (and so of its Ray workers and job drivers)."""
+    env = dict(os.environ if base is None else base)
+    env.update({
+        MARKER: st.cluster_id,
+        # Ray code that looks its cluster up by itself (Ray Train's PlacementGroupCleaner queries the
+        # State API with no address) would otherwise pick any GCS running on this machine.
+        "RAY_ADDRESS": st.gcs_address,
+        # Job entrypoints run `carousel train`: the venv's bin dir goes on PATH, *last*, so every other
+        # tool resolves as it does elsewhere on this machine. (First, the venv's pip `ninja` replaced
+        # /usr/bin/ninja for DeepSpeed's JIT ops; their build logs disagree, and each flipped the shared
+        # ~/.cache/torch_extensions build to a full ~2 min rebuild on every run.)
+        "PATH": os.pathsep.join(p for p in (env.get("PATH", ""), str(Path(sys.executable).parent)) if p),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        # `ray start --block` drains its node for up to 30 s on SIGTERM (for Serve); nothing to drain here.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        "RAY_JOB_STOP_WAIT_TIME_S": str(st.config.get("job_stop_wait_s", 30)),
+        "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+        # Jobs submitted with plain `ray job submit` track to this cluster's server too.
+        "MLFLOW_TRACKING_URI": st.mlflow_uri,
+        "CAROUSEL_STORAGE_PATH": st.storage,
+        "PYTHONUNBUFFERED": "1",
+    })
+    if st.mlflow_auth:
+        user, password = mlflow_credentials(Path(st.state_dir))
+        env.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password,
+                   MLFLOW_AUTH_CONFIG_PATH=str(Path(st.state_dir) / "mlflow" / "basic_auth.ini"),
+                   MLFLOW_FLASK_SERVER_SECRET_KEY=_secret(Path(st.state_dir) / "mlflow" / "flask-secret"))
+    return env
+
+
+def _secret(path: Path) -> str:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
+def mlflow_credentials(state_dir: Path) -> tuple[str, str]:
+    """The basic-auth admin of this cluster's MLflow server (password generated once, mode 0600)."""
+    return "admin", _secret(state_dir / "mlflow" / "admin-password")
+
+
+def write_auth_config(state_dir: Path) -> Path:
+    user, password = mlflow_credentials(state_dir)
+    ini = state_dir / "mlflow" / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{state_dir / 'mlflow' / 'basic_auth.db'}\n"
+        f"admin_username = {user}\n"
+        f"admin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    ini.chmod(0o600)
+    return ini
+
+
+# ---------------------------------------------------------------- process bookkeeping
+
+
+def _alive(p: Proc) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(p.pid)
+        return abs(proc.create_time() - p.create_time) < 0.5 and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def marked_processes(cluster_id: str) -> list:
+    """Every process on the machine carrying this cluster's marker (ours: same user)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get(MARKER) == cluster_id:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return found
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _keep_ports(cfg: ClusterConfig, previous: "ClusterState | None") -> ClusterConfig:
+    """The same dashboard and MLflow ports as last time, when free: run records and bookmarks keep
+    the tracking URI, so a run resumed on a restarted cluster still reaches its MLflow server."""
+    if previous is None:
+        return cfg
+    cfg = ClusterConfig(**asdict(cfg))
+    if cfg.dashboard_port is None and port_free(previous.dashboard_port):
+        cfg.dashboard_port = previous.dashboard_port
+    if cfg.mlflow_port is None and port_free(previous.mlflow_port):
+        cfg.mlflow_port = previous.mlflow_port
+    return cfg
+
+
+def load_state(state_dir: Path, name: str = STATE_FILE) -> ClusterState | None:
+    f = state_dir / name
+    if not f.exists():
+        return None
+    return ClusterState.from_json(json.loads(f.read_text()))
+
+
+def _save(st: ClusterState) -> None:
+    f = Path(st.state_dir) / STATE_FILE
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(st.to_json(), indent=2))
+    tmp.replace(f)
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path):
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _spawn(p: Proc, env: dict[str, str]) -> None:
+    import psutil
+
+    Path(p.log).parent.mkdir(parents=True, exist_ok=True)
+    with open(p.log, "ab") as log:
+        log.write(f"\n$ {shlex.join(p.cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(p.cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=Path(p.log).parent.parent)
+    p.pid = proc.pid
+    p.create_time = psutil.Process(proc.pid).create_time()
+
+
+def _wait_for(what: str, check, procs: list[Proc], timeout: float) -> None:
+    deadline = time.time() + timeout
+    while True:
+        if check():
+            return
+        for p in procs:
+            if not _alive(p):
+                raise ClusterError(f"{p.name} exited while waiting for {what}; its log ({p.log}) ends:\n"
+                                   + _tail(p.log))
+        if time.time() > deadline:
+            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def _tail(path: str, n: int = 3000) -> str:
+    try:
+        return Path(path).read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no log)"
+
+
+def _log_has(p: Proc, text: str) -> bool:
+    return text in _tail(p.log, 10**6)
+
+
+def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=3) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def ray_auth_headers() -> dict[str, str]:
+    from carousel.ray_session import read_token
+
+    token = read_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def dashboard_get(dashboard_url: str, path: str, timeout: float = 10) -> dict:
+    """GET a Ray dashboard JSON endpoint with the auth token (e.g. the State API: /api/v0/actors?...)."""
+    req = urllib.request.Request(f"{dashboard_url}{path}", headers=ray_auth_headers())
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def alive_nodes(st: ClusterState) -> int:
+    try:
+        data = dashboard_get(st.dashboard_url, "/nodes?view=summary", timeout=5)
+    except (urllib.error.URLError, OSError, ValueError):
+        return 0
+    summary = data.get("data", {}).get("summary", [])
+    return sum(1 for n in summary if n.get("raylet", {}).get("state") == "ALIVE")
+
+
+# ---------------------------------------------------------------- up / down / status
+
+
+def up(cfg: ClusterConfig, state_dir: Path | None = None, timeout: float = 180, log=print) -> ClusterState:
+    """Start the cluster (or report the running one): head, workers, MLflow server; wait until ready."""
+    from carousel.ray_session import ensure_token
+
+    state_dir = (state_dir or default_state_dir()).resolve()
+    with _locked(state_dir):
+        old = load_state(state_dir)
+        if old is not None:
+            dead = [p.name for p in old.processes if not _alive(p)]
+            if not dead:
+                log(f"cluster already up (state {state_dir})")
+                return old
+            log(f"cluster in {state_dir} is partly down ({', '.join(dead)} not running): restarting it")
+            _stop(old, log)
+        t0 = time.time()
+        token_path = ensure_token()
+        cfg = _keep_ports(cfg, old or load_state(state_dir, STATE_FILE_LAST))
+        st = plan(cfg, state_dir, node_ip())
+        Path(st.storage).mkdir(parents=True, exist_ok=True)
+        Path(st.mlflow_artifacts).mkdir(parents=True, exist_ok=True)
+        if cfg.mlflow_auth:
+            write_auth_config(state_dir)
+        env = process_env(st)
+        st.started = t0
+        head, *workers, mlflow = st.processes
+        try:
+            _spawn(head, env)
+            _spawn(mlflow, env)
+            _save(st)  # from here on `down` can clean up even if we fail
+            _wait_for("the Ray head", lambda: _log_has(head, "Ray runtime started"), [head], timeout)
+            for w in workers:
+                # One at a time: nodes of one session pick their socket names from what already exists.
+                _spawn(w, env)
+                _save(st)
+                _wait_for(w.name, lambda: _log_has(w, "Ray runtime started"), [head, w], timeout)
+            _wait_for(f"{len(workers)} Ray worker nodes", lambda: alive_nodes(st) == len(workers) + 1,
+                      [head, *workers], timeout)
+            _wait_for("the MLflow server", lambda: _http_ok(f"{st.mlflow_uri}/health"), [mlflow], timeout)
+        except BaseException:
+            _stop(st, log)
+            raise
+        st.up_seconds = round(time.time() - t0, 1)
+        _save(st)
+        log(f"cluster up in {st.up_seconds:.1f}s (token {token_path})")
+        return st
+
+
+def _stop(st: ClusterState, log=print, grace: float = 15) -> list[str]:
+    import psutil
+
+    stopped = []
+    # All at once: a raylet whose GCS went first waits ~30 s for it before exiting.
+    for p in st.processes:
+        if _alive(p):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)  # its own session: pgid == pid
+            stopped.append(p.name)
+    deadline = time.time() + grace
+    while time.time() < deadline and any(_alive(p) for p in st.processes):
+        time.sleep(0.2)
+    for p in st.processes:
+        if _alive(p):
+            log(f"{p.name} still running {grace:.0f}s after SIGTERM: killing it")
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p.pid, signal.SIGKILL)
+    # What is left: the rest of those process groups, and job drivers and their watchers, which
+    # run in sessions of their own. All carry the marker (and only ours do): a group kill on a
+    # recycled pgid could hit a stranger, this cannot.
+    for sig_wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        left = marked_processes(st.cluster_id)
+        if not left:
+            break
+        for proc in left:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig_wait[0])
+        psutil.wait_procs(left, timeout=sig_wait[1])
+    if st.temp_root.startswith("/tmp/carousel-"):
+        # Keep the job drivers' logs (the Jobs API's `logs`) with the cluster's own, then drop Ray's temp dirs.
+        jobs = Path(st.state_dir) / "logs" / "jobs"
+        for f in Path(st.temp_root).glob("head/session_*/logs/job-driver-*.log"):
+            jobs.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                shutil.copy2(f, jobs / f.name)
+        shutil.rmtree(st.temp_root, ignore_errors=True)
+    return stopped
+
+
+def down(state_dir: Path | None = None, log=print) -> bool:
+    """Stop what `up` started. Returns False when there was nothing to stop."""
+    state_dir = (state_dir or default_state_dir()).resolve()
+    with _locked(state_dir):
+        st = load_state(state_dir)
+        if st is None:
+            log(f"no cluster in {state_dir}")
+            return False
+        t0 = time.time()
+        stopped = _stop(st, log)
+        left = marked_processes(st.cluster_id)
+        if left:
+            raise ClusterError(f"processes still running after down: {[p.pid for p in left]}")
+        (state_dir / STATE_FILE).replace(state_dir / STATE_FILE_LAST)
+        log(f"cluster down in {time.time() - t0:.1f}s (stopped {', '.join(stopped) or 'nothing: already stopped'}); "
+            f"logs and storage kept in {state_dir}")
+        return True
+
+
+def status(state_dir: Path | None = None) -> dict | None:
+    state_dir = (state_dir or default_state_dir()).resolve()
+    st = load_state(state_dir)
+    if st is None:
+        return None
+    procs = {p.name: {"pid": p.pid, "alive": _alive(p), "log": p.log} for p in st.processes}
+    return {
+        "state_dir": st.state_dir,
+        "up": all(v["alive"] for v in procs.values()),
+        "ray_address": st.gcs_address,
+        "dashboard": st.dashboard_url,
+        "mlflow": st.mlflow_uri,
+        "mlflow_auth": st.mlflow_auth,
+        "storage": st.storage,
+        "alive_nodes": alive_nodes(st) if procs["ray-head"]["alive"] else 0,
+        "processes": procs,
+        "marked_processes": len(marked_processes(st.cluster_id)),
+    }

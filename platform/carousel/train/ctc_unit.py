@@ -1,0 +1,164 @@
+"""The speech family's unit: CTC loss on length-bucketed batches, CER/WER validation, export.
+
+Checkpoints are ranked by validation CER (characters are what the model emits; WER follows it but
+is coarser on short utterances). CER and WER are computed per rank with jiwer's alignment counts
+and summed across ranks, so the figure is the corpus-level error rate, not a mean of per-rank rates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jiwer
+import torch
+
+from carousel.config import JobSpec
+from carousel.data.shards import DataError, Dataset
+from carousel.data.speech import Vocabulary
+from carousel.data.speech_batches import BucketLoader, SpeechBatch, SpeechSplit, plan_epoch, plan_eval
+from carousel.models.ctc import CTCModel, greedy_decode
+
+
+def error_counts(refs: list[str], hyps: list[str]) -> tuple[int, int, int, int]:
+    """(character errors, reference characters, word errors, reference words), summed over pairs."""
+    if not refs:
+        return 0, 0, 0, 0
+    w = jiwer.process_words(refs, hyps)
+    c = jiwer.process_characters(refs, hyps)
+    char_err = c.substitutions + c.deletions + c.insertions
+    word_err = w.substitutions + w.deletions + w.insertions
+    return char_err, c.substitutions + c.deletions + c.hits, word_err, w.substitutions + w.deletions + w.hits
+
+
+def check_speech_dataset(ds: Dataset, where: str) -> None:
+    if ds.manifest.kind != "speech":
+        raise DataError(f"{where}: a {ds.manifest.kind} dataset; model.family ctc needs `carousel prepare speech`")
+
+
+class CTCUnit:
+    metric = "val_cer"
+    rate_name = "frames_per_s"
+    rate_unit = "frames/s"
+
+    def __init__(self, spec: JobSpec, device: torch.device):
+        self.spec, self.device = spec, device
+        self.dataset = Dataset(spec.data.path, verify_checksums=spec.data.verify_checksums)
+        check_speech_dataset(self.dataset, spec.data.path)
+        m = self.dataset.manifest
+        self.vocab_json = self.dataset.root.join(m.tokenizer["file"]).read_bytes().decode()
+        self.vocab = Vocabulary.from_json(self.vocab_json)
+        self.features = m.speech["features"]
+        self.norm = m.speech["normalization"]
+        self._eval: dict[str, SpeechSplit] = {}
+
+    @property
+    def budget(self) -> int:
+        return self.spec.speech.frames_per_batch
+
+    def build_model(self) -> CTCModel:
+        return CTCModel(self.spec.model, self.vocab.size, int(self.features["n_mels"]),
+                        torch.tensor(self.norm["mean"]), torch.tensor(self.norm["std"]))
+
+    def train_loader(self, rank: int, world: int) -> BucketLoader:
+        self.loader = BucketLoader(self.dataset, self.spec.data.train_split, rank, world, self.budget, self.spec.seed)
+        return self.loader
+
+    def _inputs(self, b: SpeechBatch) -> tuple[torch.Tensor, ...]:
+        d = self.device
+        return b.feats.to(d), b.lengths.to(d), b.labels.to(d), b.label_lengths.to(d)
+
+    def train_loss(self, engine, batch: SpeechBatch) -> tuple[torch.Tensor, int]:
+        loss, _ = engine(*self._inputs(batch))
+        return loss, batch.frames
+
+    @torch.no_grad()
+    def evaluate(self, module, split: str, rank: int, world: int, max_batches: int | None = None) -> dict[str, float]:
+        from carousel.train.units import _all_reduce_sum
+
+        if split not in self._eval:
+            self._eval[split] = SpeechSplit(self.dataset, split, limit=self.spec.speech.eval_utterances)
+        data = self._eval[split]
+        batches = plan_eval(data.frames, self.budget, world, rank)[:max_batches]
+        was_training = module.training
+        module.eval()
+        nll = labels = 0.0
+        refs, hyps = [], []
+        for idx in batches:
+            b = data.batch(idx)
+            feats, lengths, y, ylen = self._inputs(b)
+            log_probs, out_len = module(feats, lengths)
+            loss = torch.nn.functional.ctc_loss(log_probs.transpose(0, 1), y, out_len, ylen, blank=0,
+                                                reduction="sum", zero_infinity=True)
+            nll += float(loss)
+            labels += float(ylen.sum())
+            hyps.extend(self.vocab.decode(greedy_decode(log_probs[j], int(out_len[j]))) for j in range(len(idx)))
+            refs.extend(b.texts)
+        module.train(was_training)
+        counts = [nll, labels, *map(float, error_counts(refs, hyps)), float(len(refs))]
+        nll, labels, ce, cn, we, wn, n = _all_reduce_sum(counts, self.device)
+        return {"loss": nll / max(labels, 1), "cer": ce / max(cn, 1), "wer": we / max(wn, 1), "utterances": n}
+
+    def split_metrics(self, prefix: str, r: dict[str, float]) -> dict[str, float]:
+        return {f"{prefix}_loss": r["loss"], f"{prefix}_cer": r["cer"], f"{prefix}_wer": r["wer"]}
+
+    def describe(self, m: dict[str, float], prefix: str) -> str:
+        return f"CTC loss {m[prefix + '_loss']:.4f} | CER {m[prefix + '_cer']:.2%} | WER {m[prefix + '_wer']:.2%}"
+
+    def train_metrics(self, mean_loss: float) -> dict[str, float]:
+        return {}
+
+    def summary_lines(self, params: int, world: int) -> list[str]:
+        from carousel.train.progress import human
+
+        c, t = self.spec.model, self.spec.train
+        loader = getattr(self, "loader", None)
+        steps = len(loader) if loader is not None else 0
+        return [
+            f"model: {c.frontend.kind} frontend (stride {c.frontend.stride}) -> {c.layers} x "
+            f"{'Bi' if c.bidirectional else ''}{c.cell.upper()} hidden {c.hidden} -> CTC over {self.vocab.size} symbols "
+            f"-> {human(params)} parameters",
+            f"batches: <= {self.budget} padded frames per worker x {world} workers x accum {t.grad_accum}; "
+            f"{steps} steps per epoch",
+            f"steps: {t.max_steps}; precision {t.precision}, ZeRO {t.zero_stage}",
+        ]
+
+    def export(self) -> dict[str, Any]:
+        return {
+            "model": {
+                "family": "ctc",
+                "config": self.spec.model.model_dump(mode="json"),
+                "vocab_size": self.vocab.size,
+                "vocab_sha256": self.dataset.manifest.tokenizer["sha256"],
+                "features": self.features,
+            },
+            "files": {"vocab.json": self.vocab_json},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # no state flows between batches
+
+    def load_state_dict(self, state: dict[str, Any], device) -> None:
+        pass
+
+
+def preflight_ctc(spec: JobSpec) -> None:
+    """Everything that can be checked before Ray starts: the data fits the batches and the frontend."""
+    ds = Dataset(spec.data.path, verify_checksums=False)
+    check_speech_dataset(ds, "data.path")
+    stats = ds.manifest.speech["splits"]
+    budget, stride = spec.speech.frames_per_batch, spec.model.frontend.stride
+    for split in (spec.data.train_split, spec.data.valid_split, spec.data.test_split):
+        ds.split(split)
+        st = stats[split]
+        if st["max_frames"] > budget:
+            raise DataError(
+                f"speech.frames_per_batch: {budget} frames cannot hold the longest utterance of split {split!r} "
+                f"({st['max_frames']} frames); raise it"
+            )
+        if stride > st["max_stride"]:
+            raise DataError(
+                f"model.frontend.stride: {stride} leaves some utterance of split {split!r} fewer CTC output steps "
+                f"than its characters need (largest stride that fits: {st['max_stride']})"
+            )
+    frames = SpeechSplit(ds, spec.data.train_split).frames
+    plan_epoch(frames, budget, spec.scaling.num_workers, spec.seed, 0)  # raises if it cannot be split evenly

@@ -1,0 +1,222 @@
+"""Pure parts of `carousel submit` / `jobs` / `cluster`: runtime_env, excludes, command lines, state. No Ray."""
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from carousel.cluster import local
+from carousel.config import load_spec
+from carousel.jobs.client import EXCLUDES, JobsError, build_submission, repo_root
+from carousel import ray_session
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB = ROOT / "jobs" / "lm-kjv-tiny.yaml"
+
+
+def _spec(**paths):
+    spec = load_spec(JOB, [f"{k.replace('__', '.')}={v}" for k, v in paths.items()])
+    return spec
+
+
+def test_submission_runs_carousel_train_on_the_shipped_checkout_with_absolute_paths():
+    spec = _spec(data__path="/shared/kjv", run__storage_path="/shared/runs")
+    sub = build_submission(JOB, ["train.max_steps=7"], spec, ROOT, "http://mlflow:5000", sub_id="x")
+    assert sub.entrypoint == ("carousel train jobs/lm-kjv-tiny.yaml --set train.max_steps=7 "
+                              "--set data.path=/shared/kjv --set run.storage_path=/shared/runs")
+    env = sub.runtime_env["env_vars"]
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and env["PYTHONPATH"] == "platform"
+    assert sub.runtime_env["working_dir"] == str(ROOT)
+    assert sub.metadata["carousel.job"] == "lm-kjv-tiny" and sub.submission_id == "x"
+
+
+def test_storage_override_and_warnings_for_local_paths():
+    spec = _spec(data__path="/local/kjv", run__storage_path="/local/runs")
+    sub = build_submission(JOB, [], spec, ROOT, None, storage_path="/cluster/storage")
+    assert sub.entrypoint.endswith("--set run.storage_path=/cluster/storage")
+    assert any("data.path /local/kjv is a local path" in w for w in sub.warnings)
+    assert any("no MLflow tracking URI" in w for w in sub.warnings)
+    uri = build_submission(JOB, [], _spec(data__path="s3://b/kjv", run__storage_path="s3://b/runs"),
+                           ROOT, "http://m:5000")
+    assert uri.warnings == []
+
+
+def test_spec_outside_the_working_dir_is_refused(tmp_path):
+    outside = tmp_path / "job.yaml"
+    outside.write_text(JOB.read_text())
+    with pytest.raises(JobsError, match="must be inside the working directory"):
+        build_submission(outside, [], _spec(data__path="/d"), ROOT, "http://m")
+
+
+def test_excludes_drop_bulk_but_keep_every_package_file():
+    from ray._private.runtime_env.packaging import _get_excludes  # Ray's own matcher (no cluster)
+
+    excluded = _get_excludes(ROOT, EXCLUDES)
+    for bulk in ("data", "data/kjv/shard-0.arrow", "runs/x/carousel-run.json", ".venv/bin/python", ".git/HEAD",
+                 "mlflow.db", "mlartifacts/1/a", "platform/carousel/__pycache__/cli.cpython-311.pyc",
+                 ".carousel/cluster/cluster.json"):
+        assert excluded(ROOT / bulk), bulk
+    for kept in ("platform/carousel/data", "platform/carousel/data/shards.py", "platform/carousel/cli.py",
+                 "jobs/lm-kjv-tiny.yaml", "pyproject.toml", "platform/carousel/tracking/runs.py"):
+        assert not excluded(ROOT / kept), kept
+    assert repo_root(ROOT / "platform" / "carousel") == ROOT
+
+
+def test_driver_env_leaves_out_keys_the_job_already_sets(monkeypatch):
+    env = {"A": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert ray_session.job_compatible(env) == env
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"env_vars": {"MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}}}))
+    assert ray_session.job_compatible(env) == {"A": "1"}
+
+
+def test_token_sources_and_messages(monkeypatch, tmp_path):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    assert ray_session.token_source() is None and ray_session.read_token() is None
+    assert "no token was found" in ray_session.auth_hint("http://h:8265", 401)
+    path = ray_session.ensure_token()
+    assert path == str(tmp_path / "tok") and len(ray_session.read_token()) == 64
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert ray_session.ensure_token() == path  # kept, not regenerated
+    assert f"rejected the auth token from {path}" in ray_session.auth_hint("http://h:8265", 403)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "abc")
+    assert ray_session.token_source() == "$RAY_AUTH_TOKEN" and ray_session.read_token() == "abc"
+
+
+def _plan(tmp_path, **kw):
+    ports = iter(range(20000, 20100))
+    return local.plan(local.ClusterConfig(**kw), tmp_path / "state", "10.0.0.5", port=lambda: next(ports))
+
+
+def test_plan_head_workers_and_mlflow_command_lines(tmp_path):
+    st = _plan(tmp_path, workers=2)
+    head, w1, w2, mlflow = st.processes
+    assert [p.name for p in st.processes] == ["ray-head", "ray-worker-1", "ray-worker-2", "mlflow"]
+    assert "--head" in head.cmd and "--block" in head.cmd and "--num-cpus=0" in head.cmd
+    assert "--dashboard-host=127.0.0.1" in head.cmd
+    for w in (w1, w2):
+        assert f"--address={st.gcs_address}" in w.cmd and "--num-cpus=1" in w.cmd and "--block" in w.cmd
+        assert '--resources={"carousel_worker_node": 1}' in w.cmd
+    # Every node its own ports and temp dir: nothing shared that Ray would fight over.
+    port_args = [a for p in (head, w1, w2) for a in p.cmd if a.endswith(tuple("0123456789")) and "port=" in a
+                 and not a.startswith(("--min-worker", "--max-worker", "--address"))]
+    values = [a.split("=")[1] for a in port_args]
+    assert len(values) == len(set(values))
+    temps = [a for p in (head, w1, w2) for a in p.cmd if a.startswith("--temp-dir=")]
+    assert len(set(temps)) == 3 and all(t.startswith(f"--temp-dir=/tmp/carousel-{st.cluster_id}/") for t in temps)
+    assert mlflow.cmd[:4] == [sys.executable, "-m", "mlflow", "server"]
+    assert "--serve-artifacts" in mlflow.cmd and mlflow.cmd[mlflow.cmd.index("--host") + 1] == "127.0.0.1"
+    assert mlflow.cmd[mlflow.cmd.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'state' / 'mlflow' / 'mlflow.db'}"
+    assert "--app-name" not in mlflow.cmd
+    assert st.storage == str(tmp_path / "state" / "storage")
+    assert st.dashboard_url.startswith("http://127.0.0.1:") and st.mlflow_uri.startswith("http://127.0.0.1:")
+
+
+def test_plan_postgres_auth_storage_and_bad_sizes(tmp_path):
+    st = _plan(tmp_path, mlflow_backend="postgresql://u:p@db/mlflow", mlflow_auth=True, storage=str(tmp_path / "nfs"),
+               workers=3, worker_cpus=2, worker_gpus=1, dashboard_port=8265)
+    mlflow = st.processes[-1].cmd
+    assert mlflow[mlflow.index("--backend-store-uri") + 1] == "postgresql://u:p@db/mlflow"
+    assert mlflow[-2:] == ["--app-name", "basic-auth"]
+    assert st.storage == str(tmp_path / "nfs") and st.dashboard_port == 8265
+    assert len(st.processes) == 5 and "--num-gpus=1" in st.processes[1].cmd and "--num-cpus=2" in st.processes[1].cmd
+    with pytest.raises(local.ClusterError):
+        _plan(tmp_path, workers=0)
+
+
+def test_process_env_marks_and_authenticates_everything(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "somewhere:6379")
+    st = _plan(tmp_path, mlflow_auth=True)
+    (tmp_path / "state").mkdir()
+    env = local.process_env(st)
+    assert env[local.MARKER] == st.cluster_id and env["RAY_AUTH_MODE"] == "token"
+    assert env["RAY_ADDRESS"] == st.gcs_address and env["MLFLOW_TRACKING_URI"] == st.mlflow_uri
+    assert env["PATH"].split(os.pathsep)[-1] == str(Path(sys.executable).parent)  # last: see process_env
+    assert env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == "0" and int(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 10
+    user, password = local.mlflow_credentials(tmp_path / "state")
+    assert env["MLFLOW_TRACKING_USERNAME"] == user and env["MLFLOW_TRACKING_PASSWORD"] == password
+    ini = local.write_auth_config(tmp_path / "state")
+    assert f"admin_password = {password}" in ini.read_text() and stat.S_IMODE(ini.stat().st_mode) == 0o600
+
+
+def test_state_round_trip_and_ports_kept_across_restarts(tmp_path):
+    st = _plan(tmp_path)
+    again = local.ClusterState.from_json(json.loads(json.dumps(st.to_json())))
+    assert again == st and again.processes[0].cmd == st.processes[0].cmd
+    kept = local._keep_ports(local.ClusterConfig(), st)
+    assert (kept.dashboard_port, kept.mlflow_port) == (st.dashboard_port, st.mlflow_port)
+    assert local._keep_ports(local.ClusterConfig(mlflow_port=5999), st).mlflow_port == 5999
+
+
+def test_dead_or_recycled_pids_are_not_ours():
+    import psutil
+
+    me = psutil.Process()
+    assert local._alive(local.Proc("me", [], "", me.pid, me.create_time()))
+    assert not local._alive(local.Proc("recycled", [], "", me.pid, me.create_time() - 100))
+    assert not local._alive(local.Proc("gone", [], "", 2**22 + 12345, 0.0))
+    assert local.marked_processes("no-such-cluster-id") == []
+
+
+@pytest.mark.parametrize("name", ["aws-gpu.yaml", "gcp-gpu.yaml"])
+def test_cloud_cluster_configs_validate_against_rays_schema(name):
+    import jsonschema
+    import ray.autoscaler  # the package only: nothing starts
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    cfg = yaml.safe_load((ROOT / "cluster" / "ray" / name).read_text())
+    jsonschema.validate(cfg, schema)
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types and types[cfg["head_node_type"]]["resources"] == {"CPU": 0}
+    gpu_types = [t for n, t in types.items() if n != cfg["head_node_type"]]
+    assert len(gpu_types) >= 2 and all(t["min_workers"] == 0 and t["max_workers"] >= 1 for t in gpu_types)
+    assert sum(t["max_workers"] for t in gpu_types) >= cfg["max_workers"] > 0
+    assert any("pip install" in c and "~/carousel" in c for c in cfg["setup_commands"])
+    assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+               if "ray start" in c)
+    assert "--dashboard-host=127.0.0.1" in " ".join(cfg["head_start_ray_commands"])
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    bad = {**cfg, "max_workers": "eight"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_dockerfile_parses_and_follows_the_rules():
+    from dockerfile_parse import DockerfileParser
+
+    df = DockerfileParser(path=str(ROOT / "cluster" / "docker" / "Dockerfile"))
+    instructions = [i["instruction"] for i in df.structure]
+    assert instructions.count("FROM") == 1 and "nvidia/cuda" in df.args["CUDA_IMAGE"] and "cudnn" in df.args["CUDA_IMAGE"]
+    runs = " ".join(i["value"] for i in df.structure if i["instruction"] == "RUN")
+    assert "download.pytorch.org/whl/cu" in df.args["TORCH_INDEX"] and "torch==2.13.0" in runs
+    assert "deepspeed" in runs and "DS_BUILD_" in runs and "ds_report" in runs  # ops built at image build time
+    assert "constraints.txt ." in runs  # Carousel itself, with Ray, MLflow[auth], pyarrow from pyproject
+    assert "psycopg2" in runs
+    # hadolint-style checks
+    users = [i["value"] for i in df.structure if i["instruction"] == "USER"]
+    assert users and users[-1] not in ("root", "0")  # DL3002: last USER is not root
+    assert "--uid 1000" in runs
+    assert ":latest" not in df.baseimage and ":" in df.baseimage  # DL3006/DL3007: pinned base
+    assert "apt-get install -y --no-install-recommends" in runs and "rm -rf /var/lib/apt/lists/*" in runs  # DL3015/DL3009
+    assert not any(i["instruction"] == "ADD" for i in df.structure)  # DL3020: COPY, not ADD
+    assert all("sudo" not in i["value"] for i in df.structure if i["instruction"] == "RUN")  # DL3004
+    assert all(not i["value"].lstrip().startswith("cd ") for i in df.structure if i["instruction"] == "RUN")  # DL3003
+    cmd = next(i["value"] for i in df.structure if i["instruction"] == "ENTRYPOINT")
+    assert json.loads(cmd)  # DL3025: JSON form
+    copied = [i["value"].split()[0] for i in df.structure if i["instruction"] == "COPY" and "--from" not in i["value"]]
+    for src in copied:
+        assert (ROOT / src).exists(), src
+    ignore = (ROOT / "cluster" / "docker" / "Dockerfile.dockerignore").read_text()
+    assert all(f"!{s}" in ignore for s in ("pyproject.toml", "platform/"))
+
+
+def test_local_cluster_scripts_call_the_cli():
+    for name in ("up", "down", "status"):
+        script = ROOT / "cluster" / "local" / f"{name}.sh"
+        assert os.access(script, os.X_OK) and f"cluster {name}" in script.read_text()
