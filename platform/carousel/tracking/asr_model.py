@@ -132,23 +132,12 @@ def log_and_register(model_dir: str, registered_model: str | None, alias: str, m
     out: dict[str, Any] = {"model_uri": info.model_uri}
     if not registered_model:
         return out
-    c = mlflow.MlflowClient()
-    version = str(info.registered_model_version)
+    from carousel.tracking.registry import register_version
+
     meta = json.loads((Path(model_dir) / "model.json").read_text())
     data_id = f"{meta['vocab_sha256']}:{json.dumps(meta['features'], sort_keys=True)}"
-    c.set_model_version_tag(registered_model, version, "data_id", data_id)
-    for k, v in metrics.items():
-        c.set_model_version_tag(registered_model, version, k, f"{v:.6g}")
-    best = True
-    try:
-        holder = c.get_model_version_by_alias(registered_model, alias)
-        if holder.tags.get("data_id") == data_id and "val_cer" in holder.tags and "val_cer" in metrics:
-            best = metrics["val_cer"] <= float(holder.tags["val_cer"])
-    except mlflow.exceptions.MlflowException:
-        pass  # no holder yet
-    if best:
-        c.set_registered_model_alias(registered_model, alias, version)
-    out.update(registered_model=registered_model, version=version, alias=alias if best else None)
+    out.update(register_version(registered_model, str(info.registered_model_version), alias, metrics,
+                                data_id=data_id, metric="val_cer"))
     return out
 
 

@@ -106,21 +106,9 @@ def log_and_register(
     out: dict[str, Any] = {"model_uri": info.model_uri}
     if not registered_model:
         return out
-    c = mlflow.MlflowClient()
-    version = str(info.registered_model_version)
+    from carousel.tracking.registry import register_version
+
     tok_sha = json.loads((Path(model_dir) / "model.json").read_text()).get("tokenizer_sha256", "")
-    c.set_model_version_tag(registered_model, version, "tokenizer_sha256", tok_sha)
-    for k, v in metrics.items():
-        c.set_model_version_tag(registered_model, version, k, f"{v:.6g}")
-    best = True
-    try:
-        holder = c.get_model_version_by_alias(registered_model, alias)
-        same_data = holder.tags.get("tokenizer_sha256") == tok_sha
-        if same_data and "val_ppl" in holder.tags and "val_ppl" in metrics:
-            best = metrics["val_ppl"] <= float(holder.tags["val_ppl"])
-    except mlflow.exceptions.MlflowException:
-        pass  # no holder yet
-    if best:
-        c.set_registered_model_alias(registered_model, alias, version)
-    out.update(registered_model=registered_model, version=version, alias=alias if best else None)
+    out.update(register_version(registered_model, str(info.registered_model_version), alias, metrics,
+                                data_id=tok_sha, metric="val_ppl"))
     return out
