@@ -230,25 +230,8 @@ def train(
 
 def _load_lm(model: str | None, checkpoint: str | None):
     from carousel.tracking.lm_model import LoadedLM
-    from carousel.train import checkpoint as ckpt
 
-    if bool(model) == bool(checkpoint):
-        _fail("give exactly one of --model URI or --checkpoint DIR")
-    if checkpoint:
-        try:
-            ckpt.verify(checkpoint, ckpt.read_meta(checkpoint)["world_size"])
-        except ckpt.CheckpointError as e:
-            _fail(str(e))
-        return LoadedLM(Path(checkpoint) / ckpt.MODEL_DIR)
-    import mlflow
-
-    from carousel.tracking.store import resolve_tracking_uri
-
-    uri = resolve_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model.rstrip('/')}/artifacts/model")
-    return LoadedLM(local)
+    return LoadedLM(_model_dir(model, checkpoint))
 
 
 @app.command()
