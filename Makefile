@@ -9,8 +9,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.carousel-installed
 # bible-kjv: the text corpus; flite, espeak-ng: speech synthesis; pocketsphinx-testdata: real LibriVox
-# clips; libsndfile1: audio I/O; libaio-dev: lets DeepSpeed's op probe link; chromium(-driver): UI tests.
-DEBIAN_PACKAGES := bible-kjv libaio-dev flite espeak-ng pocketsphinx-testdata libsndfile1 chromium chromium-driver
+# clips; libsndfile1: audio I/O; libaio-dev: lets DeepSpeed's op probe link; chromium(-driver): UI tests;
+# postgresql: the throwaway server of the MLflow-on-PostgreSQL test.
+DEBIAN_PACKAGES := bible-kjv libaio-dev flite espeak-ng pocketsphinx-testdata libsndfile1 chromium chromium-driver postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 DEMO_DATA := data/kjv-bpe
@@ -22,7 +23,7 @@ DEMO_JOB  := jobs/lm-kjv-small.yaml
 help:
 	@echo "make demo   # set up, prepare KJV shards, train the demo LM (about 10 minutes)"
 	@echo "make test   # set up, run the whole suite"
-	@echo "make bench  # set up, run the side-by-side benchmarks"
+	@echo "make bench  # set up, run the side-by-side benchmarks (ONLY=kernel,data,... picks rows)"
 
 setup: system-packages python-packages
 
@@ -40,7 +41,7 @@ python-packages: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,postgres]'
 	@touch $@
 
 $(DEMO_DATA)/manifest.json: | setup
@@ -57,8 +58,11 @@ test: setup
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit
 
+# make bench [ONLY=kernel,data] [BENCH_ARGS="--rounds 3"]: the table is printed, bench-results/results.json
+# written (rows not run keep their last figures). py-spy is for benchmarks/profile_step.py.
 bench: setup
-	$(BIN)/python benchmarks/run.py
+	@[ -x $(BIN)/py-spy ] || $(BIN)/pip install -q -c constraints.txt -e '.[bench]'
+	$(BIN)/python benchmarks/run.py $(if $(ONLY),--only $(ONLY)) $(BENCH_ARGS)
 
 clean:
 	rm -rf runs mlflow.db mlartifacts bench-results

@@ -108,6 +108,8 @@ def prepare_speech(
     valid_fraction: Annotated[float, typer.Option(help="--manifest: share of speakers (or files) held out for validation")] = 0.1,
     test_fraction: Annotated[float, typer.Option(help="--manifest: share held out for test")] = 0.1,
     chars: Annotated[str, typer.Option(help="the character vocabulary (after lower-casing; punctuation becomes space)")] = " 'abcdefghijklmnopqrstuvwxyz",
+    units: Annotated[str, typer.Option(help="CTC output units: char, or bpe (trained on the training transcripts)")] = "char",
+    vocab_size: Annotated[int, typer.Option(help="--units bpe: vocabulary size, characters included")] = 256,
     sample_rate: Annotated[int, typer.Option(help="audio is resampled to this rate")] = 16000,
     n_mels: Annotated[int, typer.Option(help="log-mel filterbank bins")] = 80,
     shard_utts: Annotated[int, typer.Option(help="utterances per Arrow shard (one Ray task each)")] = 128,
@@ -122,6 +124,8 @@ def prepare_speech(
 
     if synthesize == bool(manifest):
         _fail("give exactly one source: --manifest FILE or --synthesize")
+    if units not in ("char", "bpe"):
+        _fail(f"--units: {units!r} is not char or bpe")
     vocab = sp.Vocabulary(chars)
     settings = sp.FeatureSettings(sample_rate=sample_rate, n_mels=n_mels)
     try:
@@ -137,6 +141,8 @@ def prepare_speech(
             items, rejected = sp.synthesis_items(texts, vs, {"train": utterances, "valid": held_out, "test": held_out},
                                                  vocab, seed, max_chars)
             source = {"corpus": "synthesized", "text": corpus.source, "voices": vs, "seed": seed, "max_chars": max_chars}
+        if units == "bpe":
+            vocab = sp.BPEUnits.train([it.text for it in items["train"]], vocab_size, chars)
         init_ray(address)
         res = sp.prepare_speech(items, str(out), source, rejected, vocab, settings, shard_utts, overwrite)
     except DataError as e:
@@ -146,7 +152,8 @@ def prepare_speech(
         typer.secho(f"skipped {where}: {r['reason']}", fg=typer.colors.YELLOW, err=True)
     st = res.manifest.speech["splits"]
     typer.echo(f"prepared {res.root} in {res.seconds:.1f}s: {res.utterances} utterances "
-               f"({res.utterances / max(res.seconds, 1e-9):.1f} utt/s; {res.task_seconds:.1f} task-seconds)")
+               f"({res.utterances / max(res.seconds, 1e-9):.1f} utt/s; {res.task_seconds:.1f} task-seconds); "
+               f"{vocab.size - 1} {vocab.kind} units + blank")
     for name, s in st.items():
         typer.echo(f"  {name:5s} {s['utterances']:6d} utterances {s['seconds'] / 60:7.1f} min {s['frames']:9d} frames "
                    f"{len(s['speakers']):3d} speakers")
@@ -201,7 +208,23 @@ def train(
         _fail("give a job spec (carousel train JOB.yaml) or --resume NAME")
     else:
         spec = _load(job, set)
-    outcome = run_training(spec, address)
+    from carousel.tracking.store import TrackingUnavailable, require_tracking_server, resolve_tracking_uri
+
+    try:  # a tracking server down or refusing at start: fail here, before Ray or a run starts
+        require_tracking_server(resolve_tracking_uri(spec.tracking.uri))
+    except TrackingUnavailable as e:
+        _fail(str(e))
+    from carousel.ray_session import RayConnectionError
+    from carousel.train.capacity import ClusterTooSmall
+    from carousel.train.launcher import RunFailed
+
+    try:
+        outcome = run_training(spec, address)
+    except (ClusterTooSmall, RayConnectionError) as e:  # nothing started: no run, no checkpoint
+        _fail(str(e))
+    except RunFailed as e:
+        _fail(f"{e}\n  its checkpoints are kept; continue with: carousel train --resume {e.run_name} "
+              f"--storage-path {spec.run.storage_path}", 1)
     m = outcome.metrics
     typer.echo("")
     typer.secho(f"run {outcome.run_name}: {outcome.status} in {outcome.seconds:.0f}s", bold=True)
@@ -226,6 +249,12 @@ def train(
         typer.echo(f"  halted at step {m.get('step')}; continue with: carousel train --resume {outcome.run_name} "
                    f"--storage-path {spec.run.storage_path}")
     typer.echo(f"  MLflow: carousel ui   (tracking {outcome.tracking_uri}, run {outcome.mlflow_run_id})")
+
+
+# Hyperparameter search (issue 4): `carousel tune`, beside `train`; the command lives with its code.
+from carousel.tune.cli import tune  # noqa: E402
+
+app.command()(tune)
 
 
 def _load_lm(model: str | None, checkpoint: str | None):
@@ -280,17 +309,39 @@ def transcribe(
     checkpoint: Annotated[Optional[str], typer.Option(help="a Carousel checkpoint directory")] = None,
     decoder: Annotated[str, typer.Option(help="greedy | beam")] = "greedy",
     beam_width: int = 16,
+    lm: Annotated[Optional[str], typer.Option(help="beam: fuse this char-level LM (models:/NAME@ALIAS or a checkpoint); "
+                                                   "default: the LM a --model was published with, if any")] = None,
+    lm_weight: Annotated[Optional[float], typer.Option(help="LM weight (default: the published one, else 0.5; 0: no LM)")] = None,
+    word_bonus: Annotated[Optional[float], typer.Option(help="score bonus per word (default: the published one, else 0)")] = None,
+    same_speaker: Annotated[bool, typer.Option(help="speaker-normalized models: the files share one speaker, "
+                                                    "normalize with their pooled statistics (default: each file's own)")] = False,
 ) -> None:
     """Transcribe audio files with a speech (ctc) model: one `FILE<TAB>text` line each."""
-    from carousel.tracking.asr_model import LoadedASR
+    from carousel.tracking.asr_model import LoadedASR, bundled_lm_dir
 
     if decoder not in ("greedy", "beam"):
         _fail(f"--decoder: {decoder!r} is not greedy or beam")
+    if lm and decoder != "beam":
+        _fail("--lm: shallow fusion needs --decoder beam")
     try:
         asr = LoadedASR(_model_dir(model, checkpoint))
-    except (ValueError, FileNotFoundError) as e:
+        lm_ref = lm or (bundled_lm_dir(model) if model and decoder == "beam" else None)
+        published = lm is None and lm_ref is not None
+        weight = lm_weight if lm_weight is not None else asr.meta.get("lm_weight", 0.5) if published else 0.5
+        bonus = word_bonus if word_bonus is not None else asr.meta.get("word_bonus", 0.0) if published else 0.0
+        if lm_ref and weight > 0:
+            asr.use_lm(lm_ref, weight, bonus)
+    except (ValueError, OSError) as e:
         _fail(str(e))
     failed = 0
+    if same_speaker:
+        try:
+            texts = asr.transcribe_speaker(files, decoder, beam_width)
+        except Exception as e:  # noqa: BLE001 - pooled statistics need every file
+            _fail(f"cannot transcribe the files as one speaker ({type(e).__name__}: {e})", 1)
+        for f, text in zip(files, texts):
+            typer.echo(f"{f}\t{text}")
+        return
     for f in files:
         try:
             text = asr.transcribe(f, decoder, beam_width)

@@ -150,10 +150,22 @@ class SpeechConfig(Strict):
         6000, ge=1, description="per worker and micro-batch: utterances x longest utterance (padded feature frames)"
     )
     eval_utterances: int | None = Field(None, ge=1, description="cap utterances per validation pass (None: all)")
+    normalization: Literal["global", "speaker"] = Field(
+        "global", description="feature mean/variance: the training split's (global) or each speaker's (speaker)"
+    )
     decoder: Literal["greedy", "beam"] = "greedy"
     beam_width: int = Field(16, ge=1)
+    lm: str | None = Field(None, description="beam: shallow fusion with a char-level Carousel LM: models:/NAME@ALIAS or a checkpoint")
+    lm_weight: float = Field(0.5, ge=0.0, description="weight of the LM's log-probability in the beam score")
+    word_bonus: float = Field(0.0, description="added to the beam score per word (offsets the LM's cost of each word)")
     librivox: bool = Field(True, description="at the end, WER/CER on the LibriVox clips of pocketsphinx-testdata")
     sample_rows: int = Field(20, ge=0, description="reference/hypothesis pairs logged as an MLflow table")
+
+    @model_validator(mode="after")
+    def _lm_needs_beam(self) -> "SpeechConfig":
+        if self.lm is not None and self.decoder != "beam":
+            raise ValueError("lm: shallow fusion needs decoder: beam")
+        return self
 
 
 class TrainConfig(Strict):
@@ -176,6 +188,12 @@ class TrainConfig(Strict):
     halt_at_step: int | None = Field(
         None, ge=1, description="checkpoint and stop cleanly at this step; resume later"
     )
+    max_nonfinite_steps: int = Field(
+        5, ge=1, description="stop the run after this many optimizer steps in a row skipped for NaN/Inf"
+    )
+    inject_nonfinite_steps: list[int] = Field(
+        default_factory=list, description="fault drill: make the loss NaN at these steps (tests, runbooks)"
+    )
 
     @model_validator(mode="after")
     def _steps(self) -> "TrainConfig":
@@ -191,6 +209,10 @@ class ScalingConfig(Strict):
     cpus_per_worker: int = Field(1, ge=1)
     gpus_per_worker: float = Field(0, ge=0)
     placement: Literal["PACK", "SPREAD"] = "PACK"
+    resources_timeout_s: float = Field(
+        60.0, ge=0, description="on a cluster: wait this long for nodes that fit every worker (autoscaling, "
+        "pods starting), then fail before any run exists; an embedded Ray never waits"
+    )
 
 
 class RunConfig(Strict):

@@ -103,3 +103,76 @@ def test_engine_checkpoints_load_weights_only_and_refuse_pickle_payloads(deepspe
         with weights_only_engine(fresh):
             fresh.load_checkpoint(str(tmp_path), tag="t")
     assert not marker.exists()  # the payload never ran
+
+
+@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (1, "bf16")])
+def test_a_nan_step_is_skipped_before_the_update(deepspeed, zero_stage, precision):
+    """The loop's micro-step leaves weights and optimizer state untouched for a NaN loss, and says so."""
+    from carousel.train.loop import backward_and_step
+
+    train = TrainConfig(max_steps=10, batch_size=2, zero_stage=zero_stage, precision=precision, schedule="constant")
+    model = LanguageModel(ModelConfig(layers=2, hidden=16, embed=16, dropout=0, output_dropout=0), 20)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=build_scheduler(opt, train),
+                                      config=deepspeed_config(train, 1))
+    x = torch.randint(0, 20, (2, 12))
+
+    def step(scale):
+        skipped_before = engine.skipped_steps
+        loss, _ = engine(x, None, targets=x)
+        _, dropped = backward_and_step(engine, loss * scale, train, boundary=True)
+        return dropped or engine.skipped_steps > skipped_before
+
+    assert step(1.0) is False  # a normal step first, so the optimizer has state to protect
+    before = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    assert step(float("nan")) is True
+    after = engine.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a NaN step changed the weights"
+    assert step(1.0) is False  # and training goes on
+    assert all(bool(torch.isfinite(p).all()) for p in engine.module.parameters())
+
+
+FSIZE_SCRIPT = r"""
+import os, resource, signal, sys
+from pathlib import Path
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch, torch.distributed as dist, deepspeed
+from carousel.config import ModelConfig, TrainConfig
+from carousel.models.lm import LanguageModel
+from carousel.train import checkpoint as ckpt
+from carousel.train.deepspeed_config import deepspeed_config
+dist.init_process_group("gloo", rank=0, world_size=1)
+train = TrainConfig(max_steps=10, batch_size=2, zero_stage=1)
+model = LanguageModel(ModelConfig(layers=2, hidden=64, embed=64), 200)
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=deepspeed_config(train, 1))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+export = {"state_dict": ckpt.export_state_dict(engine.module), "model": {}, "files": {}}
+try:
+    ckpt.save(Path(sys.argv[1]), engine, "step10", 0, {"loader": {}}, {"step": 10, "world_size": 1}, export)
+except Exception as e:
+    print("SAVE FAILED:", type(e).__name__, e)
+    sys.exit(3)
+print("SAVED")
+"""
+
+
+def test_a_checkpoint_cut_off_by_a_file_size_limit_is_never_taken_as_complete(tmp_path):
+    """#7 item 4: the real engine writes a checkpoint under RLIMIT_FSIZE (what a full disk or a
+    quota does): the write fails loudly and the directory it left is refused by verify."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    from carousel.train import checkpoint as ckpt
+
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT, str(out), str(free_port())],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "SAVE FAILED" in proc.stdout
+    assert any(p.is_file() for p in out.rglob("*")), "nothing was written: the limit did not bite mid-write"
+    with pytest.raises(ckpt.CheckpointError, match="MANIFEST-rank0.json missing"):
+        ckpt.verify(out, 1)

@@ -1,5 +1,6 @@
-"""Speech end to end on a real Ray cluster: synthesize + prepare with the CLI, 2-worker CTC training,
-MLflow metrics/table/registry, halt + resume, `carousel transcribe` and the pyfunc on audio files."""
+"""Speech end to end on a real Ray cluster: synthesize + prepare with the CLI, 2-worker CTC training
+(speaker normalization, beam decoding fused with a char LM), MLflow metrics/table/registry, halt +
+resume, `carousel transcribe` and the pyfunc on audio files, BPE units."""
 
 import json
 import subprocess
@@ -22,10 +23,34 @@ def asr_tiny(tmp_path_factory, cluster_env):
     return out
 
 
+def char_lm_dir(directory):
+    """A character-level Carousel LM's model/ directory, as an LM run exports it. Its weights are
+    random: fusion's quality is measured by the demo (docs/speech.md), this checks the plumbing."""
+    import torch
+
+    from carousel.config import ModelConfig
+    from carousel.data.tokenizer import train_tokenizer
+    from carousel.models.lm import LanguageModel
+
+    tok = train_tokenizer("char", ["In the beginning God created the heaven and the earth.",
+                                   " 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ,.;:"], 200)
+    cfg = ModelConfig(layers=1, hidden=32, embed=32)
+    torch.manual_seed(0)
+    directory.mkdir(parents=True)
+    torch.save(LanguageModel(cfg, tok.get_vocab_size()).state_dict(), directory / "weights.pt")
+    (directory / "model.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"),
+                                                      "vocab_size": tok.get_vocab_size()}))
+    tok.save(str(directory / "tokenizer.json"))
+    return directory
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, asr_tiny, cluster_env):
     work = tmp_path_factory.mktemp("asr")
-    proc = run([BIN / "carousel", "train", JOB, "--set", f"data.path={asr_tiny}"], cwd=work, env=cluster_env)
+    lm = char_lm_dir(work / "lm")
+    proc = run([BIN / "carousel", "train", JOB, "--set", f"data.path={asr_tiny}", "--set", "speech.normalization=speaker",
+                "--set", "speech.decoder=beam", "--set", "speech.beam_width=4", "--set", f"speech.lm={lm}",
+                "--set", "speech.lm_weight=0.3"], cwd=work, env=cluster_env)
     return work, proc.stdout + proc.stderr
 
 
@@ -47,7 +72,7 @@ def test_prepared_corpus_holds_out_whole_voices(asr_tiny):
 
 def test_training_reports_frames_and_validation_cer_falls(trained):
     work, out = trained
-    assert "BiGRU hidden 96 -> CTC over 29 symbols" in out
+    assert "BiGRU hidden 96 -> CTC over 29 symbols (char)" in out and "speaker normalization" in out
     assert "step 80/80 | loss" in out and "frames/s" in out
     assert "best validation CER" in out and "registered model" in out
     c, r = mlflow_run(work)
@@ -55,12 +80,13 @@ def test_training_reports_frames_and_validation_cer_falls(trained):
     cer = c.get_metric_history(r.info.run_id, "val_cer")
     assert [m.step for m in cer] == [20, 40, 60, 80]
     assert cer[-1].value < 0.95 * cer[0].value, [m.value for m in cer]
-    for key in ("test_cer", "test_wer", "librivox_cer", "librivox_wer", "frames_per_s"):
+    for key in ("test_cer", "test_wer", "test_cer_beam", "test_cer_beam_lm", "test_wer_beam_lm", "librivox_cer",
+                "librivox_wer", "librivox_cer_greedy", "librivox_cer_beam_lm", "frames_per_s"):
         assert c.get_metric_history(r.info.run_id, key), key
     names = {a.path for a in c.list_artifacts(r.info.run_id)}
     assert {"samples.json", "vocab.json", "spec.yaml"} <= names
     table = json.loads(open(c.download_artifacts(r.info.run_id, "samples.json")).read())
-    assert {"reference", "greedy", "split"} <= set(table["columns"])
+    assert {"reference", "greedy", "beam", "beam_lm", "split"} <= set(table["columns"])
     assert {row[table["columns"].index("split")] for row in table["data"]} == {"test", "librivox"}
     mv = c.get_model_version_by_alias("asr-flite-tiny", "best")
     assert mv.run_id == r.info.run_id and 0 <= float(mv.tags["val_cer"]) < 1
@@ -90,6 +116,15 @@ def test_transcribe_files_with_the_registered_model_and_the_pyfunc(trained, clus
     model = mlflow.pyfunc.load_model("models:/asr-flite-tiny@best")
     by_bytes, by_path = model.predict(pd.DataFrame({"audio": [wav.read_bytes(), None], "path": [None, str(wav)]}))
     assert by_bytes == by_path == cli_text
+    # The published model carries its fusion LM: beam decoding fuses it in the pyfunc and the CLI alike.
+    frame = pd.DataFrame({"path": [str(wav), str(flac)]})
+    fused = run([BIN / "carousel", "transcribe", "--model", "models:/asr-flite-tiny@best", "--decoder", "beam",
+                 "--beam-width", "4", wav, flac], cwd=work, env=cluster_env)
+    assert [ln.split("\t", 1)[1] for ln in fused.stdout.strip().splitlines()] == \
+        model.predict(frame, params={"decoder": "beam", "beam_width": 4})
+    plain = run([BIN / "carousel", "transcribe", "--model", "models:/asr-flite-tiny@best", "--decoder", "beam",
+                 "--beam-width", "4", "--lm-weight", "0", "--same-speaker", wav, flac], cwd=work, env=cluster_env)
+    assert len(plain.stdout.strip().splitlines()) == 2
 
     best = sorted((work / "runs" / "asr-flite-tiny").glob("checkpoint-*"))[-1]
     beam = run([BIN / "carousel", "transcribe", "--checkpoint", best, "--decoder", "beam", wav], cwd=work, env=cluster_env)
@@ -97,6 +132,21 @@ def test_transcribe_files_with_the_registered_model_and_the_pyfunc(trained, clus
     missing = run([BIN / "carousel", "transcribe", "--checkpoint", best, tmp_path / "nope.wav"], cwd=work,
                   env=cluster_env, check=False)
     assert missing.returncode == 1 and "nope.wav: cannot transcribe" in missing.stderr
+
+
+def test_bpe_units_prepare_and_validate(tmp_path, cluster_env):
+    from carousel.data.speech import units_from_json
+
+    out = tmp_path / "bpe"
+    run([BIN / "carousel", "prepare", "speech", "--synthesize", "--utterances", "24", "--held-out", "6",
+         "--max-chars", "40", "--units", "bpe", "--vocab-size", "48", "--out", out], env=cluster_env)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["tokenizer"]["type"] == "bpe" and m["tokenizer"]["vocab_size"] == 49
+    units = units_from_json((out / "vocab.json").read_text())
+    assert units.kind == "bpe" and units.size == 49
+    proc = run([BIN / "carousel", "validate", JOB, "--set", f"data.path={out}", "--set", "speech.normalization=speaker"],
+               env=cluster_env)
+    assert "normalization: speaker" in proc.stdout
 
 
 COMMON = ["--set", "train.max_steps=16", "--set", "train.log_every=1", "--set", "train.eval_every=8",

@@ -119,10 +119,12 @@ def test_plan_head_workers_and_mlflow_command_lines(tmp_path):
 
 
 def test_plan_postgres_auth_storage_and_bad_sizes(tmp_path):
-    st = _plan(tmp_path, mlflow_backend="postgresql://u:p@db/mlflow", mlflow_auth=True, storage=str(tmp_path / "nfs"),
-               workers=3, worker_cpus=2, worker_gpus=1, dashboard_port=8265)
+    st = _plan(tmp_path, mlflow_backend="postgresql://u:s3cr%40t@db:5433/mlflow?sslmode=require", mlflow_auth=True,
+               storage=str(tmp_path / "nfs"), workers=3, worker_cpus=2, worker_gpus=1, dashboard_port=8265)
     mlflow = st.processes[-1].cmd
-    assert mlflow[mlflow.index("--backend-store-uri") + 1] == "postgresql://u:p@db/mlflow"
+    # The password never reaches a command line (ps shows those) or cluster.json.
+    assert mlflow[mlflow.index("--backend-store-uri") + 1] == "postgresql://u@db:5433/mlflow?sslmode=require"
+    assert "s3cr" not in json.dumps(st.to_json())
     assert mlflow[-2:] == ["--app-name", "basic-auth"]
     assert st.storage == str(tmp_path / "nfs") and st.dashboard_port == 8265
     assert len(st.processes) == 5 and "--num-gpus=1" in st.processes[1].cmd and "--num-cpus=2" in st.processes[1].cmd
@@ -139,10 +141,50 @@ def test_process_env_marks_and_authenticates_everything(tmp_path, monkeypatch):
     assert env["RAY_ADDRESS"] == st.gcs_address and env["MLFLOW_TRACKING_URI"] == st.mlflow_uri
     assert env["PATH"].split(os.pathsep)[-1] == str(Path(sys.executable).parent)  # last: see process_env
     assert env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == "0" and int(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 10
+    assert env["RAY_enable_metrics_collection"] == "0"  # its exporter would listen on 0.0.0.0
+    assert local.process_env(_plan(tmp_path, ray_metrics=True))["RAY_enable_metrics_collection"] == "1"
     user, password = local.mlflow_credentials(tmp_path / "state")
     assert env["MLFLOW_TRACKING_USERNAME"] == user and env["MLFLOW_TRACKING_PASSWORD"] == password
     ini = local.write_auth_config(tmp_path / "state")
     assert f"admin_password = {password}" in ini.read_text() and stat.S_IMODE(ini.stat().st_mode) == 0o600
+
+
+def test_database_password_is_split_out_of_the_backend_uri():
+    assert local.split_db_password("postgresql://u:p%40x@db:5432/m?sslmode=require") == \
+        ("postgresql://u@db:5432/m?sslmode=require", "p@x")
+    assert local.split_db_password("postgresql://u@db/m") == ("postgresql://u@db/m", None)
+    assert local.split_db_password("postgresql+psycopg2://u:pw@/m?host=/run/pg") == \
+        ("postgresql+psycopg2://u@/m?host=%2Frun%2Fpg", "pw")
+    assert local.split_db_password("sqlite:////tmp/x.db") == ("sqlite:////tmp/x.db", None)
+    with pytest.raises(local.ClusterError, match="--mlflow-backend: 'db.example.com' is not a database URI"):
+        local.split_db_password("db.example.com")
+
+
+def test_postgres_backends_name_the_driver_sqlalchemy_loads():
+    assert local.backend_driver("postgresql://u@db/m") == "psycopg"  # SQLAlchemy 2.1's default
+    assert local.backend_driver("postgresql+psycopg2://u@db/m") == "psycopg2"
+    assert local.backend_driver("sqlite:////tmp/m.db") is None
+    local.check_backend_driver("postgresql://u@db/m")  # installed by the `postgres` extra
+
+
+def test_server_secrets_reach_the_mlflow_server_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", "from-the-shell")
+    monkeypatch.setenv("MLFLOW_FLASK_SERVER_SECRET_KEY", "x")
+    st = _plan(tmp_path, mlflow_auth=True, mlflow_backend="postgresql://u:in-uri@db/m")
+    (tmp_path / "state").mkdir()
+    ray_env = local.process_env(st)
+    assert not set(local.SERVER_ONLY) & set(ray_env)  # Ray nodes, and so every job, never see them
+    assert ray_env["MLFLOW_TRACKING_USERNAME"] == "admin" and ray_env["MLFLOW_TRACKING_PASSWORD"]
+    server = local.mlflow_server_env(st, ray_env, "in-uri")
+    assert server["PGPASSWORD"] == "in-uri"  # the URI's password wins over the shell's
+    assert server["MLFLOW_AUTH_CONFIG_PATH"].endswith("mlflow/basic_auth.ini")
+    assert server["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # no idle huey job consumers
+    secret = tmp_path / "state" / "mlflow" / "flask-secret"
+    assert server["MLFLOW_FLASK_SERVER_SECRET_KEY"] == secret.read_text() and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert local.mlflow_server_env(st, ray_env, None)["PGPASSWORD"] == "from-the-shell"  # libpq's own variable
+    plain = _plan(tmp_path, mlflow_auth=False)
+    assert "MLFLOW_AUTH_CONFIG_PATH" not in local.mlflow_server_env(plain, local.process_env(plain), None,
+                                                                     base={})
 
 
 def test_state_round_trip_and_ports_kept_across_restarts(tmp_path):
@@ -196,8 +238,7 @@ def test_dockerfile_parses_and_follows_the_rules():
     runs = " ".join(i["value"] for i in df.structure if i["instruction"] == "RUN")
     assert "download.pytorch.org/whl/cu" in df.args["TORCH_INDEX"] and "torch==2.13.0" in runs
     assert "deepspeed" in runs and "DS_BUILD_" in runs and "ds_report" in runs  # ops built at image build time
-    assert "constraints.txt ." in runs  # Carousel itself, with Ray, MLflow[auth], pyarrow from pyproject
-    assert "psycopg2" in runs
+    assert 'constraints.txt ".[postgres]"' in runs  # Carousel, Ray, MLflow[auth], pyarrow, and psycopg 3
     # hadolint-style checks
     users = [i["value"] for i in df.structure if i["instruction"] == "USER"]
     assert users and users[-1] not in ("root", "0")  # DL3002: last USER is not root
@@ -220,3 +261,18 @@ def test_local_cluster_scripts_call_the_cli():
     for name in ("up", "down", "status"):
         script = ROOT / "cluster" / "local" / f"{name}.sh"
         assert os.access(script, os.X_OK) and f"cluster {name}" in script.read_text()
+
+
+def test_cluster_env_exports_the_mlflow_login_without_printing_the_password(tmp_path):
+    from typer.testing import CliRunner
+
+    from carousel.cluster.cli import cluster_app
+
+    st = _plan(tmp_path, mlflow_auth=True)
+    Path(st.state_dir).mkdir()
+    local._save(st)
+    _, password = local.mlflow_credentials(Path(st.state_dir))
+    out = CliRunner().invoke(cluster_app, ["env", "--state-dir", st.state_dir]).output
+    assert f"export MLFLOW_TRACKING_URI={st.mlflow_uri}" in out and "export MLFLOW_TRACKING_USERNAME=admin" in out
+    assert password not in out
+    assert f'export MLFLOW_TRACKING_PASSWORD="$(cat {st.state_dir}/mlflow/admin-password)"' in out

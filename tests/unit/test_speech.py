@@ -10,6 +10,7 @@ import torch
 from carousel.config import CTCModelConfig, SpecError, apply_overrides, spec_from_dict
 from carousel.data.shards import Dataset
 from carousel.data.speech import (
+    DEFAULT_CHARS,
     FeatureSettings,
     Item,
     Vocabulary,
@@ -60,6 +61,7 @@ def test_transcripts_normalize_and_out_of_vocabulary_is_named():
     assert normalize_transcript("Don\u2019t\u2014STOP") == "don't stop"
     assert v.oov("caf\u00e9 42") == ["2", "4", "\u00e9"]
     assert v.decode(v.encode("hello world")) == "hello world" and v.encode("a") == [3]  # blank 0, space 1, ' 2
+    assert v.decode(v.encode(" two  spaces ")) == "two spaces"  # hypotheses are spaced as transcripts are
 
 
 def make_corpus(tmp_path, n_train=12, n_held=3):
@@ -121,7 +123,7 @@ def test_bad_manifest_lines_are_named_counted_and_kept_out(tmp_path):
 
     flat = [it for s in items.values() for it in s]
     assert sorted(it.where.rsplit(":", 1)[1] for it in flat) == ["1", "2", "3"]
-    out = _shard_task(flat, SETTINGS, Vocabulary().chars, str(tmp_path / "x.arrow"))
+    out = _shard_task(flat, SETTINGS, Vocabulary().to_json(), str(tmp_path / "x.arrow"))
     reasons = {r["where"].rsplit(":", 1)[1]: r["reason"] for r in out["rejected"]}
     assert "does not exist" in reasons["2"] and "cannot decode" in reasons["3"]
     assert out["shard"].rows == 1
@@ -295,3 +297,333 @@ def test_repo_speech_job_specs_are_valid():
     assert jobs
     for job in jobs:
         assert load_spec(job).model.family == "ctc"
+
+
+# ----------------------------------------------------------------------------- speaker normalization
+
+
+def prepared(tmp_path):
+    items, rejected, source = read_speech_manifest(make_corpus(tmp_path), Vocabulary())
+    prepare_speech(items, str(tmp_path / "ds"), source, rejected, shard_utts=5, parallel=False)
+    return Dataset(str(tmp_path / "ds"))
+
+
+def test_speaker_statistics_are_each_speakers_own_over_every_split(tmp_path):
+    from carousel.data.speech_batches import SpeechSplit, speaker_stats_table
+
+    ds = prepared(tmp_path)
+    table = ds.manifest.speech["normalization"]["speakers"]
+    assert sorted(table) == ["s0", "s1"]
+    frames = {"s0": [], "s1": []}
+    for split in ("train", "valid", "test"):
+        data = SpeechSplit(ds, split)
+        for i in range(len(data)):
+            frames[data.speakers[i]].append(data.features(i).astype(np.float64))
+    for spk, fs in frames.items():
+        allf = np.concatenate(fs)
+        assert table[spk]["frames"] == len(allf)
+        np.testing.assert_allclose(table[spk]["mean"], allf.mean(0), atol=0.02)
+        np.testing.assert_allclose(table[spk]["std"], np.maximum(allf.std(0), 1e-2), rtol=0.01, atol=0.02)
+    # A batch carries each utterance's speaker statistics; the model then centres each speaker.
+    test = SpeechSplit(ds, "test", normalization="speaker")
+    b = test.batch(list(range(len(test))))
+    stats = speaker_stats_table(ds)
+    for j, spk in enumerate(test.speakers):
+        assert torch.equal(b.norm[j], torch.from_numpy(stats[spk]))
+    assert SpeechSplit(ds, "test").batch([0]).norm is None
+    # The model applies a batch's statistics exactly as it applies its global buffers.
+    cfg = CTCModelConfig(family="ctc", layers=1, hidden=8)
+    torch.manual_seed(0)
+    m = CTCModel(cfg, 29, 80).eval()
+    for j, spk in enumerate(test.speakers):
+        with_stats = CTCModel(cfg, 29, 80, *map(torch.from_numpy, stats[spk])).eval()
+        with_stats.load_state_dict({**m.state_dict(), "mean": with_stats.mean, "std": with_stats.std})
+        n = int(b.lengths[j])
+        with torch.no_grad():
+            got, _ = m(b.feats[j : j + 1, :n], b.lengths[j : j + 1], None, None, b.norm[j : j + 1])
+            want, _ = with_stats(b.feats[j : j + 1, :n], b.lengths[j : j + 1])
+        torch.testing.assert_close(got, want)
+
+
+def test_unknown_speakers_and_old_datasets(tmp_path):
+    from carousel.data.shards import DataError, write_manifest
+    from carousel.data.speech import utterance_stats
+    from carousel.data.speech_batches import SpeechSplit
+
+    lines = []
+    for i in range(6):
+        sf.write(tmp_path / f"u{i}.wav", tone(0.8, 16000, 300 + 50 * i, seed=i), 16000)
+        lines.append(json.dumps({"audio": f"u{i}.wav", "text": "hello", "split": ["train", "valid", "test"][i % 3]}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    items, rejected, source = read_speech_manifest(tmp_path / "m.jsonl", Vocabulary())
+    prepare_speech(items, str(tmp_path / "ds"), source, rejected, shard_utts=5, parallel=False)
+    ds = Dataset(str(tmp_path / "ds"))
+    assert ds.manifest.speech["normalization"]["speakers"] == {}  # rows without a speaker get no shared stats
+    data = SpeechSplit(ds, "train", normalization="speaker")
+    assert data.speakers[0] == "unknown"
+    np.testing.assert_allclose(data.norm(0), utterance_stats(data.features(0)), rtol=1e-6)
+    del ds.manifest.speech["normalization"]["speakers"]
+    write_manifest(ds.root, ds.manifest)
+    with pytest.raises(DataError, match="speaker needs per-speaker statistics"):
+        SpeechSplit(Dataset(str(tmp_path / "ds")), "train", normalization="speaker")
+
+
+def save_asr(tmp_path, normalization="speaker", units=None):
+    """A CTC model's model/ directory as the training loop exports it."""
+    units = units or Vocabulary()
+    torch.manual_seed(0)
+    cfg = CTCModelConfig(family="ctc", layers=1, hidden=8)
+    m = CTCModel(cfg, units.size, 80, torch.full((80,), 5.0), torch.full((80,), 3.0))
+    d = tmp_path / "model"
+    d.mkdir()
+    torch.save(m.state_dict(), d / "weights.pt")
+    (d / "model.json").write_text(json.dumps({"family": "ctc", "config": cfg.model_dump(mode="json"),
+                                              "vocab_size": units.size, "features": SETTINGS.to_dict(),
+                                              "normalization": normalization, "lm_weight": 0.5, "word_bonus": 0.0}))
+    (d / "vocab.json").write_text(units.to_json())
+    return d, m.eval()
+
+
+def test_transcription_of_an_unseen_speaker_uses_its_own_or_pooled_statistics(tmp_path):
+    from carousel.data.speech import utterance_stats
+    from carousel.tracking.asr_model import LoadedASR
+
+    d, m = save_asr(tmp_path)
+    asr = LoadedASR(d)
+    a, b = fbank(tone(0.7, 16000, 300), SETTINGS), fbank(tone(0.9, 16000, 500, seed=1), SETTINGS)
+
+    def direct(feats, norm):
+        with torch.no_grad():
+            lp, _ = m(torch.from_numpy(feats)[None], torch.tensor([len(feats)]), None, None,
+                      torch.from_numpy(norm.astype(np.float32))[None])
+        return lp[0].numpy()
+
+    np.testing.assert_allclose(asr.log_probs(a), direct(a, utterance_stats(a)), atol=1e-6)
+    pooled = utterance_stats(a, b)
+    np.testing.assert_allclose(asr.log_probs(b, pooled), direct(b, pooled), atol=1e-6)
+    assert not np.allclose(asr.log_probs(b, pooled), asr.log_probs(b), atol=1e-4)
+    wav_a, wav_b = tmp_path / "a.wav", tmp_path / "b.wav"
+    sf.write(wav_a, tone(0.7, 16000, 300), 16000)
+    sf.write(wav_b, tone(0.9, 16000, 500, seed=1), 16000)
+    pooled_files = utterance_stats(asr.features(wav_a), asr.features(wav_b))
+    assert asr.transcribe_speaker([wav_a, wav_b]) == [asr.vocab.decode(greedy_decode(asr.log_probs(asr.features(w), pooled_files)))
+                                                      for w in (wav_a, wav_b)]
+    # A globally normalized model ignores speaker statistics.
+    (tmp_path / "g").mkdir()
+    g = LoadedASR(save_asr(tmp_path / "g", "global")[0])
+    np.testing.assert_allclose(g.log_probs(a, pooled), g.log_probs(a), atol=0)
+
+
+# ----------------------------------------------------------------------------- BPE units
+
+
+TEXTS = ["in the beginning god created the heaven and the earth", "and the earth was without form and void",
+         "and darkness was upon the face of the deep", "and god said let there be light"] * 5
+
+
+def test_bpe_units_round_trip_and_never_drop_a_character():
+    from carousel.data.speech import BPEUnits, units_from_json
+
+    u = BPEUnits.train(TEXTS, 60, DEFAULT_CHARS)
+    assert u.kind == "bpe" and u.size == 61 and u.tokens[0] == "<blank>"
+    for text in [*TEXTS[:4], "zebra's quiz", "x"]:
+        ids = u.encode(text)
+        assert min(ids) >= 1 and u.decode(ids) == text
+    assert len(u.encode(TEXTS[0])) < len(Vocabulary().encode(TEXTS[0]))
+    assert "".join(u.piece(i) for i in u.encode("the earth")).strip() == "the earth"
+    assert u.oov("caf\u00e9") == ["\u00e9"]
+    back = units_from_json(u.to_json())
+    assert back.tokens == u.tokens and back.encode(TEXTS[1]) == u.encode(TEXTS[1])
+    assert isinstance(units_from_json(Vocabulary().to_json()), Vocabulary)
+    bad = json.loads(u.to_json())
+    bad["tokens"][5] = "zz"
+    from carousel.data.shards import DataError
+
+    with pytest.raises(DataError, match="does not match its tokenizer"):
+        units_from_json(json.dumps(bad))
+    with pytest.raises(DataError, match="smaller than"):
+        BPEUnits.train(TEXTS, 10, DEFAULT_CHARS)
+
+
+def test_bpe_dataset_labels_and_the_ctc_length_check_by_utterance(tmp_path):
+    from carousel.data.shards import DataError
+    from carousel.data.speech import BPEUnits, units_from_json
+    from carousel.train.ctc_unit import preflight_ctc
+
+    m = make_corpus(tmp_path)
+    items, rejected, source = read_speech_manifest(m, Vocabulary())
+    units = BPEUnits.train([it.text for it in items["train"]], 40, DEFAULT_CHARS)
+    prepare_speech(items, str(tmp_path / "bpe"), source, rejected, units, shard_utts=5, parallel=False)
+    prepare_speech(items, str(tmp_path / "char"), source, rejected, Vocabulary(), shard_utts=5, parallel=False)
+    ds = Dataset(str(tmp_path / "bpe"))
+    assert ds.manifest.tokenizer["type"] == "bpe" and ds.manifest.tokenizer["vocab_size"] == units.size
+    stored = units_from_json(ds.root.join("vocab.json").read_bytes().decode())
+    from carousel.data.speech_batches import SpeechSplit
+
+    data = SpeechSplit(ds, "train")
+    for i in range(len(data)):
+        assert stored.decode(data.labels(i).tolist()) == data.texts[i]
+    # Stride 6 leaves the shortest utterances fewer CTC steps than their characters need, but enough
+    # for their (fewer) BPE units: the check names each utterance that does not fit.
+    spec = spec_from_dict(apply_overrides(BASE, ["model.frontend.stride=6", "speech.frames_per_batch=4000"]))
+    spec.data.path = str(tmp_path / "char")
+    with pytest.raises(DataError) as e:
+        preflight_ctc(spec)
+    msg = str(e.value)
+    assert msg.startswith("model.frontend.stride: 6 leaves") and "m-" in msg and "label length + repeats" in msg
+    char_ds = Dataset(str(tmp_path / "char"))
+    too_short = [u for split in ("train",) for u, f, t in zip(SpeechSplit(char_ds, split).utts, SpeechSplit(char_ds, split).frames,
+                                                              SpeechSplit(char_ds, split).texts) if f // 6 < ctc_need(Vocabulary().encode(t))]
+    assert too_short and all(u in msg for u in too_short)
+    spec.data.path = str(tmp_path / "bpe")
+    preflight_ctc(spec)
+
+
+# ----------------------------------------------------------------------------- shallow fusion
+
+
+def char_lm(tmp_path, text, bias: dict[str, float], vocab_text=None):
+    """A real char-level LanguageModel whose next-character preferences are set by hand: zero
+    weights into the head, so its logits are the bias whatever the context."""
+    from carousel.config import ModelConfig
+    from carousel.data.tokenizer import train_tokenizer
+    from carousel.models.lm import LanguageModel
+
+    tok = train_tokenizer("char", [vocab_text or text], 200)
+    cfg = ModelConfig(layers=1, hidden=16, embed=16, tie_weights=False)
+    torch.manual_seed(0)
+    lm = LanguageModel(cfg, tok.get_vocab_size()).eval()
+    with torch.no_grad():
+        lm.head.weight.zero_()
+        lm.head.bias.zero_()
+        for ch, b in bias.items():
+            lm.head.bias[tok.token_to_id(ch)] = b
+    d = tmp_path / "lm"
+    d.mkdir()
+    torch.save(lm.state_dict(), d / "weights.pt")
+    (d / "model.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), "vocab_size": tok.get_vocab_size()}))
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+
+def test_shallow_fusion_lets_the_lm_flip_the_decision(tmp_path):
+    from carousel.tracking.asr_model import load_fusion
+
+    v = Vocabulary()
+    a, b, c = v.encode("abc")
+    # The acoustic model slightly prefers "ab" over "ac"; the LM strongly prefers "c".
+    rows = np.full((3, v.size), 1e-4)
+    rows[0, a] = 0.9
+    rows[1, b], rows[1, c] = 0.55, 0.45
+    rows[2, 0] = 0.9
+    lp = emissions(rows)
+    lm_dir = char_lm(tmp_path, DEFAULT_CHARS + "ABC.,", {"c": 3.0})
+    assert v.decode(beam_decode(lp, beam_width=8)) == "ab"
+    fused = load_fusion(lm_dir, v, weight=1.0, word_bonus=0.0)
+    assert v.decode(beam_decode(lp, beam_width=8, fusion=fused)) == "ac"
+    # Weight 0 is plain beam search.
+    assert v.decode(beam_decode(lp, beam_width=8, fusion=load_fusion(lm_dir, v, 0.0, 0.0))) == "ab"
+    # Case-insensitive: "C" counts for "c" too, and punctuation mass is renormalized away.
+    node = fused.expand([(fused.root(), c)])[0]
+    probs = torch.exp(node.next_logp)
+    assert abs(float(probs.sum()) - 1) < 1e-5
+    # P("c") = P(c) + P(C) = e^3 + 1 against P(b) + P(B) = 2 (unnormalized): "B" counts too.
+    assert abs(float(probs[fused.index["c"]] / probs[fused.index["b"]]) - (np.exp(3) + 1) / 2) < 1e-3
+    assert abs(float(probs[fused.index["x"]] / probs[fused.index["b"]]) - 0.5) < 1e-4  # no "X" in the LM
+
+
+def test_word_bonus_and_multi_character_units_score_consistently(tmp_path):
+    from carousel.data.speech import BPEUnits
+    from carousel.models.lm_fusion import CharLMFusion
+    from carousel.tracking.asr_model import load_fusion
+    from carousel.tracking.lm_model import LoadedLM
+
+    v = Vocabulary()
+    # "a b" vs "ab": the space is a little less likely than not; a word bonus flips it.
+    a, sp, b = v.encode("a b")
+    rows = np.full((4, v.size), 1e-4)
+    rows[0, a] = 0.9
+    rows[1, 0], rows[1, sp] = 0.55, 0.45
+    rows[2, b] = 0.9
+    rows[3, 0] = 0.9
+    lp = emissions(rows)
+    lm_dir = char_lm(tmp_path, DEFAULT_CHARS, {})  # uniform LM: only the bonus matters
+    assert v.decode(beam_decode(lp, fusion=load_fusion(lm_dir, v, 0.1, 0.0))) == "ab"
+    assert v.decode(beam_decode(lp, fusion=load_fusion(lm_dir, v, 0.1, 1.0))) == "a b"
+    # A BPE piece is scored as the characters it writes, one LM step each.
+    units = BPEUnits.train(TEXTS, 60, DEFAULT_CHARS)
+    lm = LoadedLM(lm_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        lm.model.head.weight.normal_()  # context now matters
+    texts = [""] + [units.piece(i) for i in range(1, units.size)]
+    f_bpe = CharLMFusion.from_tokenizer(lm.model, lm.tokenizer, texts)
+    f_chr = CharLMFusion.from_tokenizer(lm.model, lm.tokenizer, [""] + [v.piece(i) for i in range(1, v.size)])
+    node = f_bpe.root()
+    for i in units.encode("the earth"):
+        node = f_bpe.expand([(node, i)])[0]
+    ref = f_chr.root()
+    for i in v.encode("the earth"):
+        ref = f_chr.expand([(ref, i)])[0]
+    assert node.text == ref.text == "the earth" and node.words == 2
+    assert abs(node.lm_score - ref.lm_score) < 1e-4
+
+
+def test_only_character_lms_covering_the_units_fuse(tmp_path):
+    from carousel.data.tokenizer import train_tokenizer
+    from carousel.models.lm_fusion import CharLMFusion
+    from carousel.tracking.asr_model import load_fusion
+
+    bpe = train_tokenizer("bpe", TEXTS, 300)
+    with pytest.raises(ValueError, match="only a character-level LM"):
+        CharLMFusion.from_tokenizer(None, bpe, ["", "a"])
+    with pytest.raises(ValueError, match="lacks characters the recognizer writes: 'qxz'"):
+        load_fusion(char_lm(tmp_path, "abcdefghijklmnoprstuvwy' ", {}), Vocabulary(), 0.5, 0.0)
+    with pytest.raises(FileNotFoundError, match="neither a models:/ URI"):
+        load_fusion(tmp_path / "nowhere", Vocabulary(), 0.5, 0.0)
+
+
+def test_fusion_and_normalization_config_errors_name_the_field():
+    with pytest.raises(SpecError, match="speech.lm: shallow fusion needs decoder: beam"):
+        spec_from_dict(apply_overrides(BASE, ["speech.lm=models:/kjv-char@best"]))
+    with pytest.raises(SpecError, match="speech.normalization"):
+        spec_from_dict(apply_overrides(BASE, ["speech.normalization=utterance"]))
+    spec = spec_from_dict(apply_overrides(BASE, ["speech.lm=models:/kjv-char@best", "speech.decoder=beam",
+                                                 "speech.normalization=speaker"]))
+    assert spec.speech.lm_weight == 0.5 and spec.speech.word_bonus == 0.0
+
+
+def test_lazy_fusion_search_equals_scoring_every_prefix(tmp_path):
+    """Peeking (scores from the parent, LM states only for the top prefixes) must pick exactly what
+    materializing every new prefix picks, for character and multi-character (BPE) units."""
+    from carousel.data.speech import BPEUnits
+    from carousel.models.lm_fusion import CharLMFusion
+    from carousel.tracking.lm_model import LoadedLM
+
+    lm = LoadedLM(char_lm(tmp_path, DEFAULT_CHARS, {}))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        lm.model.head.weight.normal_(0, 2.0)
+
+    class Eager:  # the same fusion, every peeked child materialized at once
+        def __init__(self, f):
+            self.f, self.weight, self.word_bonus = f, f.weight, f.word_bonus
+
+        def root(self):
+            return self.f.root()
+
+        def peek(self, parent, unit):
+            return self.f.expand([(parent, unit)])[0]
+
+        def materialize(self, nodes):
+            raise AssertionError("eager nodes are always ready")
+
+    rng = np.random.default_rng(0)
+    for units in (Vocabulary(), BPEUnits.train(TEXTS, 60, DEFAULT_CHARS)):
+        texts = [""] + [units.piece(i) for i in range(1, units.size)]
+        lazy = CharLMFusion.from_tokenizer(lm.model, lm.tokenizer, texts, weight=0.8, word_bonus=0.5)
+        for _ in range(3):
+            # A few strong symbols per step, as trained models emit, so the eager search stays small.
+            lp = np.log(rng.dirichlet(np.full(units.size, 0.05), size=8) + 1e-9)
+            want = beam_decode(lp, beam_width=4, prune=6.0, fusion=Eager(lazy))
+            assert len(want) >= 2 and beam_decode(lp, beam_width=4, prune=6.0, fusion=lazy) == want

@@ -71,3 +71,26 @@ def test_too_little_data_names_the_split(dataset):
 def test_rank_reads_only_its_shards(dataset):
     loader = StreamLoader(dataset, "train", 0, 4, 1, 10)
     assert len(loader.tokens._arrays) == 1  # rank 0's range [0, 251) lies in the first shard
+
+
+
+def test_rows_equal_row_by_row_slices(dataset):
+    """The window read returns exactly what slicing row by row does, across shard boundaries,
+    and refuses rows outside the rank's range."""
+    from carousel.data.streams import TokenRange
+
+    tr = TokenRange(dataset, "train", 0, 1001)
+    rng = np.random.default_rng(0)
+    for length in (1, 7, 65, 300):
+        starts = [int(x) for x in rng.integers(0, 1001 - length + 1, size=40)]
+        starts[:3] = [max(0, 299 - length // 2), min(300, 1001 - length), 0]  # straddling a boundary, at one, first
+        expect = np.stack([tr.slice(s, s + length) for s in starts])
+        got = tr.rows(starts, length)
+        assert got.dtype == np.int64 and np.array_equal(got, expect)
+    with pytest.raises(IndexError):
+        tr.rows([1000], 2)
+    part = TokenRange(dataset, "train", 250, 600)  # a range that starts and stops inside shards
+    assert np.array_equal(part.rows([250, 590], 10), np.stack([part.slice(250, 260), part.slice(590, 600)]))
+    for bad in ([249], [595]):
+        with pytest.raises(IndexError):
+            part.rows(bad, 10)

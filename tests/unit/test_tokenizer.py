@@ -34,3 +34,18 @@ def test_bpe_vocab_size_is_respected():
 def test_unknown_kind():
     with pytest.raises(ValueError, match="unknown kind"):
         train_tokenizer("morse", LINES, 10)
+
+
+def test_user_text_with_invalid_utf8_is_reported_by_file_and_line_and_the_rest_kept(tmp_path):
+    """#7 item 10: a bad line costs only itself, and the report names where it was."""
+    from carousel.data.corpus import read_text_files
+
+    good = tmp_path / "psalms.txt"
+    good.write_text("The LORD is my shepherd; I shall not want.\n" * 40)
+    bad = tmp_path / "mixed.txt"
+    bad.write_bytes(b"He maketh me to lie down in green pastures:\n" b"caf\xe9 latin-1 here\n" b"he leadeth me beside the still waters.\n" + b"He restoreth my soul.\n" * 30)
+    corpus = read_text_files([str(tmp_path)], valid_fraction=0.0, test_fraction=0.0)
+    assert corpus.rejected == [{"file": str(bad), "line": 2, "reason": "invalid UTF-8 at byte 3"}]
+    kept = [text for records in corpus.records.values() for _, text in records]
+    assert sum("still waters" in t for t in kept) == 1 and sum("green pastures" in t for t in kept) == 1
+    assert not any("latin-1" in t for t in kept)

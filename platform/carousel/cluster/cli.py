@@ -33,6 +33,8 @@ def cluster_up(
     mlflow_auth: Annotated[bool, typer.Option(help="run MLflow's basic-auth app (admin password in STATE/mlflow)")] = False,
     dashboard_port: Annotated[Optional[int], typer.Option(help="Ray dashboard port (default: a free one)")] = None,
     mlflow_port: Annotated[Optional[int], typer.Option(help="MLflow port (default: a free one)")] = None,
+    ray_metrics: Annotated[bool, typer.Option(
+        help="export Ray's Prometheus metrics (each node's exporter then listens on every interface)")] = False,
     state_dir: StateOpt = None,
 ) -> None:
     """Start a Ray head, N worker nodes and an MLflow server (all bound to this machine). Harmless when up."""
@@ -40,7 +42,8 @@ def cluster_up(
 
     cfg = ClusterConfig(workers=workers, head_cpus=head_cpus, worker_cpus=worker_cpus, worker_gpus=worker_gpus,
                         object_store_mb=object_store_mb, storage=storage, mlflow_backend=mlflow_backend,
-                        mlflow_auth=mlflow_auth, dashboard_port=dashboard_port, mlflow_port=mlflow_port)
+                        mlflow_auth=mlflow_auth, dashboard_port=dashboard_port, mlflow_port=mlflow_port,
+                        ray_metrics=ray_metrics)
     try:
         st = up(cfg, state_dir, log=typer.echo)
     except ClusterError as e:
@@ -49,10 +52,12 @@ def cluster_up(
 
 
 def _print(st) -> None:
+    from carousel.cluster.local import ADMIN_PASSWORD_FILE
+
     typer.echo(f"  Ray address   {st.gcs_address}  (token auth on)")
     typer.echo(f"  dashboard     {st.dashboard_url}")
     typer.echo(f"  MLflow        {st.mlflow_uri}" + ("  (basic auth: user admin, password in "
-                                                     f"{Path(st.state_dir) / 'mlflow' / 'admin-password'})" if st.mlflow_auth else ""))
+                                                     f"{Path(st.state_dir) / ADMIN_PASSWORD_FILE})" if st.mlflow_auth else ""))
     typer.echo(f"  storage       {st.storage}")
     typer.echo(f"  nodes         head ({st.config['head_cpus']} CPUs) + {st.config['workers']} workers "
                f"({st.config['worker_cpus']} CPUs each)")
@@ -93,7 +98,7 @@ def cluster_status(state_dir: StateOpt = None,
 
 @cluster_app.command("env")
 def cluster_env(state_dir: StateOpt = None) -> None:
-    """Shell exports for Ray's own tools: eval "$(carousel cluster env)"; ray job submit ..."""
+    """Shell exports for Ray's and MLflow's own tools: eval "$(carousel cluster env)"; ray job submit ..."""
     from carousel.cluster.local import default_state_dir, load_state
 
     st = load_state((state_dir or default_state_dir()).resolve())
@@ -103,3 +108,10 @@ def cluster_env(state_dir: StateOpt = None) -> None:
            "CAROUSEL_STORAGE_PATH": st.storage}
     for k, v in env.items():
         typer.echo(f"export {k}={shlex.quote(v)}")
+    if st.mlflow_auth:
+        # The password is read from its 0600 file when the line is evaluated, never printed.
+        from carousel.cluster.local import ADMIN_PASSWORD_FILE
+
+        secret = Path(st.state_dir) / ADMIN_PASSWORD_FILE
+        typer.echo("export MLFLOW_TRACKING_USERNAME=admin")
+        typer.echo(f'export MLFLOW_TRACKING_PASSWORD="$(cat {shlex.quote(str(secret))})"')

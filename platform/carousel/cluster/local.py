@@ -9,6 +9,11 @@ it stops exactly what ``up`` started, never another cluster on the machine (``ra
 
 The state directory holds ``cluster.json`` (ports, addresses, PIDs), ``logs/``, the shared
 ``storage/`` for checkpoints and the MLflow store.
+
+Secrets stay out of command lines and ``cluster.json`` (both readable by any local user via ``ps``
+or the file): a database password given in ``--mlflow-backend`` is cut out of the URI and handed to
+the MLflow server alone as ``PGPASSWORD``; the basic-auth admin password lives in a 0600 file. See
+docs/security.md for what the local cluster does and does not protect.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ STATE_FILE = "cluster.json"
 STATE_FILE_LAST = "cluster.last.json"
 MARKER = "CAROUSEL_CLUSTER_ID"
 WORKER_RESOURCE = "carousel_worker_node"
+ADMIN_PASSWORD_FILE = "mlflow/admin-password"  # under the state dir, mode 0600
 
 
 class ClusterError(RuntimeError):
@@ -52,11 +58,12 @@ class ClusterConfig:
     worker_gpus: int = 0
     object_store_mb: int = 256
     storage: str | None = None  # shared checkpoint storage; default <state>/storage
-    mlflow_backend: str | None = None  # default sqlite:///<state>/mlflow/mlflow.db; postgresql://... works
+    mlflow_backend: str | None = None  # default sqlite:///<state>/mlflow/mlflow.db; postgresql://user[:pass]@host/db
     mlflow_auth: bool = False  # MLflow's basic-auth app
     dashboard_port: int | None = None
     mlflow_port: int | None = None
     job_stop_wait_s: int = 30  # SIGTERM -> SIGKILL grace for stopped jobs (Ray's default is 3 s)
+    ray_metrics: bool = False  # Ray's Prometheus exporter: it listens on every interface, and nothing here scrapes it
 
 
 @dataclass
@@ -126,12 +133,52 @@ def node_ip() -> str:
     return get_node_ip_address()
 
 
+def split_db_password(uri: str) -> tuple[str, str | None]:
+    """``postgresql://user:pass@host/db`` -> (``postgresql://user@host/db``, ``pass``): the URI that may be
+    shown and stored, and the secret (None when the URI has none: libpq then reads $PGPASSWORD / ~/.pgpass)."""
+    from sqlalchemy.engine import URL, make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        u = make_url(uri)
+    except ArgumentError:
+        raise ClusterError(f"--mlflow-backend: {uri!r} is not a database URI (sqlite:///PATH or "
+                           "postgresql://USER@HOST:PORT/DB)") from None
+    if u.password is None:
+        return uri, None
+    bare = URL.create(u.drivername, username=u.username, host=u.host, port=u.port, database=u.database, query=u.query)
+    return bare.render_as_string(hide_password=False), str(u.password)
+
+
+def backend_driver(backend: str) -> str | None:
+    """The Python module SQLAlchemy (2.1, MLflow's) loads for this URI (pure: unit-tested)."""
+    scheme = backend.split("://", 1)[0]
+    if scheme in ("postgresql", "postgresql+psycopg"):
+        return "psycopg"  # SQLAlchemy 2.1's default PostgreSQL driver: psycopg 3
+    if scheme == "postgresql+psycopg2":
+        return "psycopg2"
+    return None
+
+
+def check_backend_driver(backend: str) -> None:
+    """A PostgreSQL backend needs its driver in this venv: say so before the server dies of it."""
+    import importlib.util
+
+    module = backend_driver(backend)
+    if module and importlib.util.find_spec(module) is None:
+        package = "'carousel-lstm[postgres]' (psycopg 3)" if module == "psycopg" else "psycopg2-binary"
+        raise ClusterError(f"--mlflow-backend {backend.split('://', 1)[0]}://... needs the {module} driver: "
+                           f"pip install {package}")
+
+
 def plan(cfg: ClusterConfig, state_dir: Path, ip: str, port=free_port) -> ClusterState:
     """Decide ports, paths and every command line; starts nothing."""
     state_dir = state_dir.resolve()
     if cfg.workers < 1:
         raise ClusterError("--workers must be at least 1")
-    backend = cfg.mlflow_backend or f"sqlite:///{state_dir / 'mlflow' / 'mlflow.db'}"
+    backend, _ = split_db_password(cfg.mlflow_backend or f"sqlite:///{state_dir / 'mlflow' / 'mlflow.db'}")
+    config = asdict(cfg)
+    config["mlflow_backend"] = backend  # never the password
     st = ClusterState(
         cluster_id=secrets.token_hex(8),
         state_dir=str(state_dir),
@@ -144,7 +191,7 @@ def plan(cfg: ClusterConfig, state_dir: Path, ip: str, port=free_port) -> Cluste
         mlflow_backend=backend,
         mlflow_artifacts=str(state_dir / "mlflow" / "artifacts"),
         mlflow_auth=cfg.mlflow_auth,
-        config=asdict(cfg),
+        config=config,
     )
     # Each node its own Ray temp dir: nodes sharing one would share (and delete each other's)
     # runtime_env working_dir copies, socket names and log files. Short, for unix socket paths.
@@ -208,17 +255,41 @@ def process_env(st: ClusterState, base: dict[str, str] | None = None) -> dict[st
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         "RAY_JOB_STOP_WAIT_TIME_S": str(st.config.get("job_stop_wait_s", 30)),
         "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+        # Off unless asked: each node's metrics exporter would listen on 0.0.0.0 (Ray offers no bind option).
+        "RAY_enable_metrics_collection": "1" if st.config.get("ray_metrics") else "0",
         # Jobs submitted with plain `ray job submit` track to this cluster's server too.
         "MLFLOW_TRACKING_URI": st.mlflow_uri,
         "CAROUSEL_STORAGE_PATH": st.storage,
         "PYTHONUNBUFFERED": "1",
     })
+    for k in SERVER_ONLY:
+        env.pop(k, None)
     if st.mlflow_auth:
+        # Jobs log as the admin: on a single-user local cluster every job runs as the user who started it.
         user, password = mlflow_credentials(Path(st.state_dir))
-        env.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password,
-                   MLFLOW_AUTH_CONFIG_PATH=str(Path(st.state_dir) / "mlflow" / "basic_auth.ini"),
-                   MLFLOW_FLASK_SERVER_SECRET_KEY=_secret(Path(st.state_dir) / "mlflow" / "flask-secret"))
+        env.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
     return env
+
+
+# Only the MLflow server needs these; Ray's processes (and so every job) do not get them.
+SERVER_ONLY = ("PGPASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_CONFIG_PATH")
+
+
+def mlflow_server_env(st: ClusterState, env: dict[str, str], db_password: str | None,
+                      base: dict[str, str] | None = None) -> dict[str, str]:
+    """The MLflow server's environment: the cluster's, plus the database password and auth settings."""
+    base = os.environ if base is None else base
+    # MLflow 3's job runner (GenAI evaluation jobs) would start several ~250 MB huey consumer
+    # processes beside the server; nothing here queues such jobs.
+    out = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env}
+    if db_password is not None:
+        out["PGPASSWORD"] = db_password
+    elif "PGPASSWORD" in base:
+        out["PGPASSWORD"] = base["PGPASSWORD"]
+    if st.mlflow_auth:
+        out.update(MLFLOW_AUTH_CONFIG_PATH=str(Path(st.state_dir) / "mlflow" / "basic_auth.ini"),
+                   MLFLOW_FLASK_SERVER_SECRET_KEY=_secret(Path(st.state_dir) / "mlflow" / "flask-secret"))
+    return out
 
 
 def _secret(path: Path) -> str:
@@ -232,7 +303,7 @@ def _secret(path: Path) -> str:
 
 def mlflow_credentials(state_dir: Path) -> tuple[str, str]:
     """The basic-auth admin of this cluster's MLflow server (password generated once, mode 0600)."""
-    return "admin", _secret(state_dir / "mlflow" / "admin-password")
+    return "admin", _secret(state_dir / ADMIN_PASSWORD_FILE)
 
 
 def write_auth_config(state_dir: Path) -> Path:
@@ -418,21 +489,20 @@ def up(cfg: ClusterConfig, state_dir: Path | None = None, timeout: float = 180, 
         st = plan(cfg, state_dir, node_ip())
         Path(st.storage).mkdir(parents=True, exist_ok=True)
         Path(st.mlflow_artifacts).mkdir(parents=True, exist_ok=True)
+        (state_dir / "mlflow").chmod(0o700)  # the tracking database, auth store and secrets: this user's only
         if cfg.mlflow_auth:
             write_auth_config(state_dir)
         env = process_env(st)
+        _, db_password = split_db_password(cfg.mlflow_backend or st.mlflow_backend)
+        check_backend_driver(st.mlflow_backend)
         st.started = t0
         head, *workers, mlflow = st.processes
         try:
-            _spawn(head, env)
-            _spawn(mlflow, env)
-            _save(st)  # from here on `down` can clean up even if we fail
-            _wait_for("the Ray head", lambda: _log_has(head, "Ray runtime started"), [head], timeout)
+            _spawn(mlflow, mlflow_server_env(st, env, db_password))
+            _start_node(st, head, env, [], timeout, log)
             for w in workers:
                 # One at a time: nodes of one session pick their socket names from what already exists.
-                _spawn(w, env)
-                _save(st)
-                _wait_for(w.name, lambda: _log_has(w, "Ray runtime started"), [head, w], timeout)
+                _start_node(st, w, env, [head], timeout, log)
             _wait_for(f"{len(workers)} Ray worker nodes", lambda: alive_nodes(st) == len(workers) + 1,
                       [head, *workers], timeout)
             _wait_for("the MLflow server", lambda: _http_ok(f"{st.mlflow_uri}/health"), [mlflow], timeout)
@@ -443,6 +513,25 @@ def up(cfg: ClusterConfig, state_dir: Path | None = None, timeout: float = 180, 
         _save(st)
         log(f"cluster up in {st.up_seconds:.1f}s (token {token_path})")
         return st
+
+
+RAY_START_TIMED_OUT = "timed out during startup"  # `ray start` gives a raylet a fixed 30 s to register
+
+
+def _start_node(st: ClusterState, p: Proc, env: dict[str, str], needed: list[Proc], timeout: float, log) -> None:
+    """``ray start`` one node; once more if Ray's fixed 30 s registration wait ran out (a loaded machine)."""
+    for attempt in (1, 2):
+        _spawn(p, env)
+        _save(st)  # from here on `down` can clean up even if we fail
+        try:
+            _wait_for(p.name, lambda: _log_has(p, "Ray runtime started"), [*needed, p], timeout)
+            return
+        except ClusterError:
+            if attempt == 2 or _alive(p) or not _log_has(p, RAY_START_TIMED_OUT) or not all(map(_alive, needed)):
+                raise
+        log(f"{p.name}: Ray's start-up wait ran out (machine busy?); starting it again")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)  # whatever that attempt left in its group
 
 
 def _stop(st: ClusterState, log=print, grace: float = 15) -> list[str]:

@@ -71,6 +71,7 @@ def normalize_transcript(text: str) -> str:
 class Vocabulary:
     """CTC output units: blank (id 0) then one id per character."""
 
+    kind = "char"
     chars: str = DEFAULT_CHARS
 
     @property
@@ -90,7 +91,10 @@ class Vocabulary:
         return [index[c] for c in text]
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[i - 1] for i in ids if 0 < i <= len(self.chars))
+        text = "".join(self.chars[i - 1] for i in ids if 0 < i <= len(self.chars))
+        # Spaces as in the transcripts (normalize_transcript): none at the ends, never two in a row;
+        # a hypothesis's extra spaces are errors no reference can share.
+        return " ".join(w for w in text.split(" ") if w)
 
     def to_json(self) -> str:
         return json.dumps({"blank": 0, "tokens": self.tokens}, indent=2)
@@ -101,6 +105,94 @@ class Vocabulary:
         if d.get("blank") != 0 or d["tokens"][0] != BLANK:
             raise DataError("vocab.json: the blank must be token 0")
         return cls("".join(d["tokens"][1:]))
+
+    def piece(self, i: int) -> str:
+        """The text unit ``i`` stands for (shallow fusion feeds it to a character LM)."""
+        return self.chars[i - 1]
+
+
+class BPEUnits:
+    """CTC output units from a byte-pair encoding of the training transcripts: blank (id 0), then
+    tokenizer id + 1.
+
+    HF tokenizers' BPE with a Metaspace pre-tokenizer: a word-initial piece carries "▁", so
+    decoding restores the spaces exactly, and the alphabet is limited to the character
+    vocabulary, so every transcript the characters accept can be encoded (HF BPE would silently
+    drop a character it does not know: ``oov`` checks the characters first, as for char units).
+    """
+
+    kind = "bpe"
+    SPACE = "▁"
+
+    def __init__(self, tokenizer_json: str, chars: str):
+        from tokenizers import Tokenizer
+
+        self.chars = chars
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self._pieces = [self.tokenizer.id_to_token(i) for i in range(self.tokenizer.get_vocab_size())]
+
+    @classmethod
+    def train(cls, texts: list[str], vocab_size: int, chars: str) -> "BPEUnits":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        alphabet = sorted(set(chars.replace(" ", "")) | {cls.SPACE})
+        if vocab_size < len(alphabet):
+            raise DataError(f"--vocab-size: {vocab_size} is smaller than the {len(alphabet)} characters BPE starts from")
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=cls.SPACE, prepend_scheme="always", split=True)
+        tok.decoder = decoders.Metaspace(replacement=cls.SPACE, prepend_scheme="always", split=True)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, limit_alphabet=len(alphabet),
+                                      special_tokens=[], show_progress=False)
+        tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+        return cls(tok.to_str(), chars)
+
+    @property
+    def tokens(self) -> list[str]:
+        return [BLANK, *self._pieces]
+
+    @property
+    def size(self) -> int:
+        return len(self._pieces) + 1
+
+    def oov(self, text: str) -> list[str]:
+        known = set(self.chars)
+        return sorted({c for c in text if c not in known})
+
+    def encode(self, text: str) -> list[int]:
+        return [i + 1 for i in self.tokenizer.encode(text, add_special_tokens=False).ids]
+
+    def decode(self, ids) -> str:
+        text = self.tokenizer.decode([i - 1 for i in ids if 0 < i < self.size])
+        # A lone "▁" piece before a word-initial one decodes to two spaces; the transcripts have one.
+        return " ".join(text.split())
+
+    def piece(self, i: int) -> str:
+        return self._pieces[i - 1].replace(self.SPACE, " ")
+
+    def to_json(self) -> str:
+        return json.dumps({"blank": 0, "type": "bpe", "chars": self.chars, "tokens": self.tokens,
+                           "tokenizer": json.loads(self.tokenizer.to_str())}, indent=2)
+
+
+Units = Vocabulary | BPEUnits
+
+
+def units_from_json(text: str, where: str = VOCAB_FILE) -> Units:
+    """vocab.json -> the dataset's output units (char vocabularies predate the ``type`` key)."""
+    try:
+        d = json.loads(text)
+        if d.get("type", "char") == "char":
+            return Vocabulary.from_json(text)
+        if d["type"] == "bpe":
+            if d.get("blank") != 0 or d["tokens"][0] != BLANK:
+                raise DataError(f"{where}: the blank must be token 0")
+            units = BPEUnits(json.dumps(d["tokenizer"]), d["chars"])
+            if units.tokens != d["tokens"]:
+                raise DataError(f"{where}: its token list does not match its tokenizer")
+            return units
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{where}: malformed output-unit vocabulary ({type(e).__name__}: {e})") from None
+    raise DataError(f"{where}: unknown unit type {d['type']!r} (char or bpe)")
 
 
 def ctc_need(ids: list[int]) -> int:
@@ -115,6 +207,38 @@ def max_stride(frames: int, need: int, limit: int = 16) -> int:
         if frames // s >= need:
             best = s
     return best
+
+
+def ctc_violations(utts: list[str], steps: list[int], needs: list[int]) -> list[dict[str, Any]]:
+    """Utterances whose CTC output steps (after the frontend's subsampling) are fewer than their
+    labels need: CTC cannot align them, so their loss is infinite (and zeroed, i.e. wasted)."""
+    return [{"utt": u, "steps": s, "need": n} for u, s, n in zip(utts, steps, needs) if s < n]
+
+
+# ----------------------------------------------------------------------------- normalization
+
+# A floor for standard deviations: a bin that is (nearly) constant over one speaker's or one
+# utterance's frames (digital silence) must not be blown up into noise.
+STD_FLOOR = 1e-2
+
+
+def stats_from_sums(frames: int, total: np.ndarray, total_sq: np.ndarray) -> np.ndarray:
+    """(frames, per-bin sum, per-bin sum of squares) -> [2, n_mels]: mean and std."""
+    mean = total / max(frames, 1)
+    var = total_sq / max(frames, 1) - mean**2
+    return np.stack([mean, np.maximum(np.sqrt(np.maximum(var, 0.0)), STD_FLOOR)])
+
+
+def utterance_stats(*feats: np.ndarray) -> np.ndarray:
+    """Mean and std over the frames of one utterance (or several, pooled): the statistics used for a
+    speaker the dataset has no statistics for."""
+    x = np.concatenate([np.asarray(f, dtype=np.float64) for f in feats])
+    return stats_from_sums(len(x), x.sum(0), np.square(x).sum(0))
+
+
+# Utterances of a manifest row without a speaker share this name; they get no speaker statistics
+# (they may be many different people), so speaker normalization uses each one's own statistics.
+UNKNOWN_SPEAKER = "unknown"
 
 
 # ----------------------------------------------------------------------------- audio and features
@@ -308,7 +432,7 @@ def read_speech_manifest(
     for n, apath, text, speaker, split, where in parsed:
         if split is None:
             split = _split_of(speaker if by_speaker and speaker else apath, valid_fraction, test_fraction)
-        items[split].append(Item(f"{path.stem}-{n}", speaker or "unknown", text, audio=apath, where=where))
+        items[split].append(Item(f"{path.stem}-{n}", speaker or UNKNOWN_SPEAKER, text, audio=apath, where=where))
     source = {"corpus": "manifest", "file": str(path), "rows": len(rows),
               "held_out_by": "speaker" if by_speaker else "file"}
     return items, rejected, source
@@ -364,11 +488,16 @@ def synthesis_items(
 # ----------------------------------------------------------------------------- shard tasks
 
 
-def _shard_task(items: list[Item], settings: FeatureSettings, vocab_chars: str, out_uri: str) -> dict[str, Any]:
-    """Read or synthesize, featurize and write one shard. Runs as a Ray task."""
+def _shard_task(items: list[Item], settings: FeatureSettings, units_json: str, out_uri: str) -> dict[str, Any]:
+    """Read or synthesize, featurize and write one shard. Runs as a Ray task.
+
+    Besides the shard it returns per-bin sums (global statistics) and per-speaker sums (speaker
+    statistics), so the driver needs no second pass over the features.
+    """
     import pyarrow as pa
 
-    vocab = Vocabulary(vocab_chars)
+    vocab = units_from_json(units_json)
+    per_speaker: dict[str, list] = {}
     rows: dict[str, list] = {k: [] for k in ("utt", "speaker", "text", "ids", "frames", "feats")}
     rejected: list[dict[str, Any]] = []
     total = np.zeros(settings.n_mels, np.float64)
@@ -397,11 +526,17 @@ def _shard_task(items: list[Item], settings: FeatureSettings, vocab_chars: str, 
         ids = vocab.encode(it.text)
         s = max_stride(len(feats), ctc_need(ids))
         if s == 0:
-            rejected.append({"where": it.where, "audio": it.audio or it.voice,
-                             "reason": f"{len(feats)} frames are too few for {len(ids)} characters"})
+            rejected.append({"where": it.where, "utt": it.utt, "audio": it.audio or it.voice,
+                             "reason": f"utterance {it.utt}: {len(feats)} frames are too few for CTC to align its "
+                                       f"{len(ids)} {vocab.kind} labels (it needs {ctc_need(ids)} output steps)"})
             continue
-        total += feats.sum(0)
-        total_sq += np.square(feats, dtype=np.float64).sum(0)
+        fsum, fsq = feats.sum(0, dtype=np.float64), np.square(feats, dtype=np.float64).sum(0)
+        total += fsum
+        total_sq += fsq
+        acc = per_speaker.setdefault(it.speaker, [0, np.zeros(settings.n_mels), np.zeros(settings.n_mels)])
+        acc[0] += len(feats)
+        acc[1] += fsum
+        acc[2] += fsq
         seconds += len(audio) / settings.sample_rate
         strides.append(s)
         rows["utt"].append(it.utt)
@@ -432,8 +567,28 @@ def _shard_task(items: list[Item], settings: FeatureSettings, vocab_chars: str, 
     return {
         "shard": info, "rejected": rejected, "sum": total, "sum_sq": total_sq, "frames": int(sum(rows["frames"])),
         "max_frames": max(rows["frames"], default=0), "seconds": seconds, "speakers": sorted(set(rows["speaker"])),
-        "max_stride": min(strides, default=16), "busy_s": time.time() - t0,
+        "max_stride": min(strides, default=16), "busy_s": time.time() - t0, "speaker_sums": per_speaker,
     }
+
+
+def speaker_table(sums: list[dict[str, list]]) -> dict[str, dict[str, Any]]:
+    """Shard tasks' per-speaker (frames, sum, sum of squares) -> {speaker: {frames, mean, std}}, pooled
+    over shards and splits. The unknown speaker is left out (see UNKNOWN_SPEAKER)."""
+    pooled: dict[str, list] = {}
+    for part in sums:
+        for spk, (n, s1, s2) in part.items():
+            if spk == UNKNOWN_SPEAKER:
+                continue
+            acc = pooled.setdefault(spk, [0, 0.0, 0.0])
+            acc[0] += n
+            acc[1] = acc[1] + np.asarray(s1)
+            acc[2] = acc[2] + np.asarray(s2)
+    table = {}
+    for spk in sorted(pooled):
+        n, s1, s2 = pooled[spk]
+        mean, std = stats_from_sums(n, s1, s2)
+        table[spk] = {"frames": int(n), "mean": mean.round(4).tolist(), "std": std.round(4).tolist()}
+    return table
 
 
 @dataclass
@@ -451,7 +606,7 @@ def prepare_speech(
     out: str,
     source: dict[str, Any],
     rejected: list[dict[str, Any]],
-    vocab: Vocabulary = Vocabulary(),
+    vocab: Units = Vocabulary(),
     settings: FeatureSettings = FeatureSettings(),
     shard_utts: int = 128,
     overwrite: bool = False,
@@ -466,7 +621,8 @@ def prepare_speech(
         if not items.get(split):
             raise DataError(f"split {split!r} has no utterances; add data or change the held-out fractions")
     root.makedirs()
-    vocab_sha = atomic_write(root.join(VOCAB_FILE), vocab.to_json().encode("utf-8"))
+    vocab_json = vocab.to_json()
+    vocab_sha = atomic_write(root.join(VOCAB_FILE), vocab_json.encode("utf-8"))
 
     if parallel:
         import ray
@@ -478,7 +634,7 @@ def prepare_speech(
         submit, gather = _shard_task, lambda refs: refs
     pending = {
         split: [
-            submit(items[split][i : i + shard_utts], settings, vocab.chars, root.join(f"{split}-{k:05d}.arrow").uri())
+            submit(items[split][i : i + shard_utts], settings, vocab_json, root.join(f"{split}-{k:05d}.arrow").uri())
             for k, i in enumerate(range(0, len(items[split]), shard_utts))
         ]
         for split in SPLITS
@@ -504,19 +660,21 @@ def prepare_speech(
             "max_stride": min(r["max_stride"] for r in res if r["shard"].rows),
         }
     train = results["train"]
-    count = sum(r["frames"] for r in train)
-    mean = sum(r["sum"] for r in train) / count
-    var = sum(r["sum_sq"] for r in train) / count - mean**2
-    std = np.sqrt(np.maximum(var, 1e-8))
+    mean, std = stats_from_sums(sum(r["frames"] for r in train), sum(r["sum"] for r in train),
+                                sum(r["sum_sq"] for r in train))
+    speakers = speaker_table([r["speaker_sums"] for res in results.values() for r in res])
     manifest = Manifest(
         kind="speech",
-        tokenizer={"file": VOCAB_FILE, "sha256": vocab_sha, "type": "char", "vocab_size": vocab.size, "blank_id": 0},
+        tokenizer={"file": VOCAB_FILE, "sha256": vocab_sha, "type": vocab.kind, "vocab_size": vocab.size, "blank_id": 0},
         splits={split: SplitInfo([r["shard"] for r in res]) for split, res in results.items()},
         source=source,
         rejected=rejected,
         speech={
             "features": settings.to_dict(),
-            "normalization": {"kind": "global", "split": "train", "mean": mean.round(6).tolist(), "std": std.round(6).tolist()},
+            # Global statistics (train split) and per-speaker ones (every split: a held-out speaker is
+            # normalized with its own audio, never its transcripts); speech.normalization picks one.
+            "normalization": {"split": "train", "mean": mean.round(6).tolist(), "std": std.round(6).tolist(),
+                              "speakers": speakers},
             "splits": stats,
             "rejected": len(rejected),
         },

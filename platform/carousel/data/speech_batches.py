@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from carousel.data.shards import DataError, Dataset
+from carousel.data.speech import utterance_stats
 
 
 def greedy_batches(order: np.ndarray, frames: np.ndarray, budget: int) -> list[list[int]]:
@@ -77,18 +78,41 @@ class SpeechBatch:
     labels: torch.Tensor  # [sum of label lengths] int64, concatenated
     label_lengths: torch.Tensor  # [B] int64
     texts: list[str]
+    norm: torch.Tensor | None = None  # [B, 2, n_mels] per-utterance mean and std (speaker normalization)
 
     @property
     def frames(self) -> int:
         return int(self.lengths.sum())
 
 
-class SpeechSplit:
-    """Random access to one split's utterances, backed by its memory-mapped shards."""
+NORMALIZATIONS = ("global", "speaker")
 
-    def __init__(self, dataset: Dataset, split: str, limit: int | None = None):
+
+def speaker_stats_table(dataset: Dataset, where: str = "speech.normalization") -> dict[str, np.ndarray]:
+    """The manifest's per-speaker statistics as {speaker: [2, n_mels]}; a clear error for datasets
+    prepared before they were recorded."""
+    norm = dataset.manifest.speech.get("normalization", {})
+    if "speakers" not in norm:
+        raise DataError(f"{where}: speaker needs per-speaker statistics, which {dataset.root.uri()} does not have "
+                        "(prepared by an older carousel); run `carousel prepare speech` again")
+    return {k: np.asarray([v["mean"], v["std"]], dtype=np.float32) for k, v in norm["speakers"].items()}
+
+
+class SpeechSplit:
+    """Random access to one split's utterances, backed by its memory-mapped shards.
+
+    With ``normalization="speaker"`` each batch carries every utterance's speaker statistics (from
+    the manifest), or the utterance's own for a speaker without any (see speech.UNKNOWN_SPEAKER).
+    """
+
+    def __init__(self, dataset: Dataset, split: str, limit: int | None = None, normalization: str = "global"):
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization: {normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
         self.n_mels = int(dataset.manifest.speech["features"]["n_mels"])
+        self.normalization = normalization
+        self._speaker_stats = speaker_stats_table(dataset) if normalization == "speaker" else {}
         self._feats, self._offsets, self._ids, self._id_offsets, self.texts, self.speakers = [], [], [], [], [], []
+        self.utts: list[str] = []
         frames, where = [], []
         for s, shard in enumerate(dataset.split(split).shards):
             table = dataset.read_shard(shard)
@@ -100,10 +124,12 @@ class SpeechSplit:
             self._id_offsets.append(ids.offsets.to_numpy())
             self.texts.extend(table["text"].to_pylist())
             self.speakers.extend(table["speaker"].to_pylist())
+            self.utts.extend(table["utt"].to_pylist())
             frames.extend(table["frames"].to_pylist())
             where.extend((s, r) for r in range(table.num_rows))
         if limit is not None:
             frames, where, self.texts, self.speakers = frames[:limit], where[:limit], self.texts[:limit], self.speakers[:limit]
+            self.utts = self.utts[:limit]
         self.frames = np.asarray(frames, dtype=np.int64)
         self._where = where
 
@@ -119,6 +145,13 @@ class SpeechSplit:
         s, r = self._where[i]
         return self._ids[s][self._id_offsets[s][r] : self._id_offsets[s][r + 1]]
 
+    def norm(self, i: int) -> np.ndarray | None:
+        """[2, n_mels] mean and std for utterance ``i`` under speaker normalization (None: global)."""
+        if self.normalization == "global":
+            return None
+        stats = self._speaker_stats.get(self.speakers[i])
+        return stats if stats is not None else utterance_stats(self.features(i)).astype(np.float32)
+
     def batch(self, idx: list[int]) -> SpeechBatch:
         lengths = [int(self.frames[i]) for i in idx]
         feats = torch.zeros(len(idx), max(lengths), self.n_mels)
@@ -131,14 +164,16 @@ class SpeechSplit:
             torch.from_numpy(np.concatenate(labels).astype(np.int64)),
             torch.tensor([len(x) for x in labels], dtype=torch.long),
             [self.texts[i] for i in idx],
+            None if self.normalization == "global" else torch.from_numpy(np.stack([self.norm(i) for i in idx])),
         )
 
 
 class BucketLoader:
     """Training batches for one rank: ``next()`` forever, epoch after epoch."""
 
-    def __init__(self, dataset: Dataset, split: str, rank: int, world: int, budget: int, seed: int):
-        self.data = SpeechSplit(dataset, split)
+    def __init__(self, dataset: Dataset, split: str, rank: int, world: int, budget: int, seed: int,
+                 normalization: str = "global"):
+        self.data = SpeechSplit(dataset, split, normalization=normalization)
         self.rank, self.world, self.budget, self.seed = rank, world, budget, seed
         self.epoch, self.position = 0, 0
         self._plan_epoch: int | None = None

@@ -73,17 +73,18 @@ def submit(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="stream the job's logs until it ends")] = False,
 ) -> None:
     """Validate a job spec here, then run `carousel train` on a Ray cluster through the Jobs API."""
-    from carousel.cli import _load
     from carousel.jobs.client import JobsError, build_submission, repo_root
+    from carousel.tune.cli import load_for_submit
 
-    spec = _load(job, set)  # refused here, before anything reaches the cluster
+    spec, command = load_for_submit(job, set)  # refused here, before anything reaches the cluster; a tune spec runs `carousel tune`
     address, local = resolve(address)
     if local is not None:
         tracking_uri = tracking_uri or local.mlflow_uri
-        if storage_path is None and not any(o.startswith("run.storage_path=") for o in set or []):
+        if storage_path is None and not any(o.startswith(("run.storage_path=", "base.run.storage_path=")) for o in set or []):
             storage_path = local.storage
     try:
-        sub = build_submission(job, list(set or []), spec, repo_root(job.resolve().parent), tracking_uri, storage_path)
+        sub = build_submission(job, list(set or []), spec, repo_root(job.resolve().parent), tracking_uri, storage_path,
+                               command=command)
     except JobsError as e:
         _fail(str(e))
     for w in sub.warnings:

@@ -82,7 +82,9 @@ def build_submission(
         raise JobsError(f"{job}: the job spec must be inside the working directory {working_dir} to travel with the job") from None
     warnings = []
     storage = storage_path or spec.run.storage_path
-    pinned = [*overrides, f"data.path={spec.data.path}", f"run.storage_path={storage}"]
+    # `carousel tune` takes a tune spec: ``spec`` is its base job spec, whose fields it sets as base.*
+    prefix = "base." if command == "tune" else ""
+    pinned = [*overrides, f"{prefix}data.path={spec.data.path}", f"{prefix}run.storage_path={storage}"]
     if not is_uri(spec.data.path):
         warnings.append(f"data.path {spec.data.path} is a local path: it must exist on every node of the cluster")
     if not is_uri(storage) and not storage_path:

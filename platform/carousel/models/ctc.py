@@ -3,14 +3,16 @@
 Padding never changes the result: features beyond each utterance's length are zeroed before the
 frontend (a conv frontend re-zeroes between its layers, so an edge frame sees the same zeros
 padded or not), the recurrent core runs on packed sequences, and the CTC loss reads only each
-utterance's own output steps. The normalization statistics are buffers of the model, so an
-exported model needs nothing but its weights to transcribe raw features.
+utterance's own output steps. The global normalization statistics are buffers of the model, so an
+exported model needs nothing but its weights to transcribe raw features; with speaker normalization
+the caller passes each utterance's statistics (``norm``) instead.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -130,15 +132,22 @@ class CTCModel(nn.Module):
         lengths: torch.Tensor,
         labels: torch.Tensor | None = None,
         label_lengths: torch.Tensor | None = None,
+        norm: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw log-mel [B, T, n_mels] -> (log-probs [B, T', V], output lengths [B]); with labels,
-        (CTC loss summed over the batch / number of labels, output lengths).
+        (CTC loss summed over the batch / number of labels, output lengths). ``norm`` [B, 2, n_mels]
+        (per-utterance mean and std, e.g. its speaker's) replaces the global statistics.
 
         The loss is inside forward so DeepSpeed's engine wraps the whole computation; log-softmax
         and CTC run in fp32 whatever the model's precision.
         """
         mask = time_mask(lengths, feats.size(1))[:, :, None]
-        x = ((feats - self.mean) / self.std).masked_fill(~mask, 0.0).to(self.head.weight.dtype)
+        if norm is None:
+            mean, std = self.mean, self.std
+        else:
+            norm = norm.to(feats.dtype)
+            mean, std = norm[:, 0, None, :], norm[:, 1, None, :]
+        x = ((feats - mean) / std).masked_fill(~mask, 0.0).to(self.head.weight.dtype)
         x = self.specaug(x, lengths)
         x, out_lengths = self.frontend(x, lengths)
         if int(out_lengths.min()) < 1:
@@ -179,17 +188,49 @@ def _lse(a: float, b: float) -> float:
     return m + math.log1p(math.exp(-abs(a - b)))
 
 
+class Fusion(Protocol):
+    """A language model scoring the text of a CTC prefix (see models/lm_fusion.py).
+
+    A node knows its cumulative LM log-probability (``lm_score``) and word count. ``peek`` makes a
+    child cheaply, with ``lm_score`` exact or an upper bound; ``materialize`` makes peeked nodes
+    exact and ``ready`` to be extended, in one batch."""
+
+    weight: float
+    word_bonus: float
+
+    def root(self) -> Any: ...
+    def peek(self, parent: Any, unit: int) -> Any: ...
+    def materialize(self, nodes: list[Any]) -> list[Any]: ...
+
+
 def beam_decode(log_probs: torch.Tensor | np.ndarray, length: int | None = None, beam_width: int = 16,
-                blank: int = 0, prune: float = 8.0) -> list[int]:
-    """CTC prefix beam search (no language model).
+                blank: int = 0, prune: float = 8.0, fusion: Fusion | None = None) -> list[int]:
+    """CTC prefix beam search, optionally with shallow fusion of a language model.
 
     Hand-written because pyctcdecode, the usual library, pins numpy<2 (this platform needs numpy 2)
     and torchaudio's flashlight decoder has no build for this torch. Each prefix keeps the log
     probability of ending in blank and in non-blank, so "aa" (with a blank between) and "a" stay
     distinct; symbols more than ``prune`` nats below a step's best are not expanded.
+
+    With ``fusion``, prefixes are ranked by log P_ctc + weight * log P_lm(text) + word_bonus * words
+    (Hannun et al. 2014, shallow fusion), so the LM can promote a prefix the acoustic model alone
+    would have pruned. Every new prefix is peeked (its parent's next-character distribution gives
+    its score, or an upper bound for a multi-character unit); only those in the top ``beam_width``
+    are run through the LM, in one batch, repeating until the top ones are all exact. That keeps
+    the LM's work to about ``beam_width`` prefixes per step however flat the acoustic scores are.
     """
     lp = np.asarray(log_probs[:length] if length is not None else log_probs, dtype=np.float64)
     beams: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, -math.inf)}
+    nodes: dict[tuple[int, ...], Any] = {(): fusion.root()} if fusion is not None else {}
+
+    def rank(item) -> float:
+        prefix, (pb, pnb) = item
+        score = _lse(pb, pnb)
+        if fusion is not None:
+            node = nodes[prefix]
+            score += fusion.weight * node.lm_score + fusion.word_bonus * node.words
+        return score
+
     for row in lp:
         cands = np.flatnonzero(row >= row.max() - prune)
         nxt: dict[tuple[int, ...], list[float]] = defaultdict(lambda: [-math.inf, -math.inf])
@@ -209,5 +250,21 @@ def beam_decode(log_probs: torch.Tensor | np.ndarray, length: int | None = None,
                     same[1] = _lse(same[1], pnb + p)  # otherwise it merges
                 else:
                     ext[1] = _lse(ext[1], total + p)
-        beams = dict(sorted(((k, (v[0], v[1])) for k, v in nxt.items()), key=lambda kv: -_lse(*kv[1]))[:beam_width])
-    return list(max(beams.items(), key=lambda kv: _lse(*kv[1]))[0])
+        if fusion is None:
+            top = sorted(nxt.items(), key=lambda kv: -rank(kv))[:beam_width]
+        else:
+            for k in nxt:
+                if k not in nodes:
+                    nodes[k] = fusion.peek(nodes[k[:-1]], k[-1])
+            while True:
+                top = sorted(nxt.items(), key=lambda kv: -rank(kv))[:beam_width]
+                pending = [k for k, _ in top if not nodes[k].ready]
+                if not pending:
+                    break
+                for k, node in zip(pending, fusion.materialize([nodes[k] for k in pending])):
+                    nodes[k] = node
+        beams = {k: (v[0], v[1]) for k, v in top}
+        if fusion is not None:
+            # Only live prefixes are extended next step, so only their nodes are needed again.
+            nodes = {k: nodes[k] for k in beams}
+    return list(max(beams.items(), key=rank)[0])

@@ -6,6 +6,12 @@ time a failing server can hold a flush nor deduplicates: here points wait in a b
 send leaves them buffered for the next try (so the history ends complete once the server is back).
 Points at or below ``skip_through_step`` were logged before a restart and are dropped, so steps a
 restored worker replays appear once.
+
+Re-sending is idempotent: a buffered point keeps its timestamp, and MLflow's SQL store treats an
+identical (key, step, timestamp, value) as already there. So a batch whose answer was lost (server
+killed after it committed) can be sent again without doubling a step. A batch the server refuses as
+invalid (HTTP 4xx other than auth/rate limits) is not retried forever: it is sent point by point and
+only the refused points are dropped, with an error naming them.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import time
 
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+
+from carousel.tracking.store import worth_retrying
 
 log = logging.getLogger(__name__)
 _BATCH = 1000  # MLflow's log_batch limit on metrics per call
@@ -37,6 +45,7 @@ class MetricLogger:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.failures = 0
+        self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="carousel-metrics", daemon=True)
         self._thread.start()
 
@@ -62,13 +71,32 @@ class MetricLogger:
                 self.client.log_batch(self.run_id, metrics=[m for _, m in chunk], synchronous=True)
             except Exception as e:  # noqa: BLE001 - tracking must never take training down
                 self.failures += 1
-                log.warning("MLflow log_batch failed (%s); keeping %d points buffered", e, len(items) - i)
-                return False
-            with self._lock:
-                for key, m in chunk:
-                    if self._buf.get(key) is m:
-                        del self._buf[key]
+                if worth_retrying(e):
+                    log.warning("MLflow log_batch failed (%s); keeping %d points buffered", e, len(items) - i)
+                    return False
+                if not self._send_one_by_one(chunk):
+                    return False
+            self._forget(chunk)
         return True
+
+    def _send_one_by_one(self, chunk) -> bool:
+        """After a refused batch: send each point alone, drop the ones refused (False: server gone)."""
+        for key, m in chunk:
+            try:
+                self.client.log_batch(self.run_id, metrics=[m], synchronous=True)
+            except Exception as e:  # noqa: BLE001
+                if worth_retrying(e):
+                    return False
+                self.dropped += 1
+                log.error("MLflow refused metric %s at step %d (%s): dropped", key[0], key[1], e)
+            self._forget([(key, m)])
+        return True
+
+    def _forget(self, chunk) -> None:
+        with self._lock:
+            for key, m in chunk:
+                if self._buf.get(key) is m:  # not replaced by a newer value meanwhile
+                    del self._buf[key]
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -81,6 +109,11 @@ class MetricLogger:
         deadline = time.time() + timeout
         while not self.flush():
             if time.time() > deadline:
+                with self._lock:
+                    steps = sorted({step for _, step in self._buf})
+                log.error("MLflow run %s is missing %d metric points (steps %s..%s): the tracking server stayed "
+                          "unreachable for %.0f s after training ended", self.run_id, len(self._buf),
+                          steps[0] if steps else "-", steps[-1] if steps else "-", timeout)
                 return False
             time.sleep(1.0)
         return True

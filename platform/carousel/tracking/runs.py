@@ -164,11 +164,19 @@ def open_run(spec: JobSpec, tracking_uri: str, extra_tags: dict[str, str] | None
 
 def close_run(record: RunRecord, storage_path: str, status: str, step: int | None = None) -> None:
     """Record the outcome in MLflow and in the run record. HALTED is RUNNING-resumable but not live."""
+    from carousel.tracking.store import retry_while_unreachable
+
     c = client(record.tracking_uri)
     mlflow_status = {"HALTED": "FINISHED", "FINISHED": "FINISHED", "FAILED": "FAILED", "KILLED": "KILLED"}[status]
-    c.set_tag(record.mlflow_run_id, "carousel.status", status)
-    c.set_terminated(record.mlflow_run_id, status=mlflow_status)
+    # The record first: a tracking server that is down now must not leave a finished run RUNNING here
+    # (the next start would sweep it up as KILLED).
     record.status = status
     if step is not None:
         record.step = step
     record.save(storage_path)
+
+    def mark():
+        c.set_tag(record.mlflow_run_id, "carousel.status", status)
+        c.set_terminated(record.mlflow_run_id, status=mlflow_status)
+
+    retry_while_unreachable(mark, record.tracking_uri, f"mark MLflow run {record.mlflow_run_id} {status}")

@@ -10,8 +10,10 @@ Layout (each rank writes into its own local directory; Ray Train merges them in 
     MANIFEST-rank<r>.json each rank, written last: size and sha256 of every file that rank wrote
 
 A checkpoint counts only when every rank's manifest is present and every file matches it; Ray
-Train registers it ("latest") only after all ranks' uploads finished. Anything less is refused
-with the file named, so a torn write is never loaded as complete.
+Train registers it ("latest") only after all ranks' uploads finished, and the loop trains on only
+after Ray Train committed it. Anything less is refused with the file named, so a torn write is never
+loaded as complete: a restart falls back to the newest checkpoint that verifies (see
+``newest_intact``). Ray Train deletes old checkpoints only after a newer one was committed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ META = "meta.json"
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class WorldSizeMismatch(RuntimeError):
+    """Not a damaged checkpoint: a run restarted with another number of workers."""
 
 
 def _sha256(path: Path) -> str:
@@ -80,6 +86,23 @@ def verify(root: str | Path, world_size: int) -> None:
                 raise CheckpointError(f"{p}: {p.stat().st_size} bytes, manifest says {want['bytes']} (truncated?)")
             if _sha256(p) != want["sha256"]:
                 raise CheckpointError(f"{p}: sha256 does not match {mpath.name} (corrupt)")
+
+
+def newest_intact(candidates: list[tuple[int, Any]], check) -> tuple[Any | None, list[str]]:
+    """The newest candidate that passes ``check``; ``candidates`` are (step, checkpoint) pairs.
+
+    ``check(checkpoint)`` raises CheckpointError for a torn or corrupt one. Returns the chosen
+    checkpoint (None: start from step 0) and one line per candidate refused on the way, newest first.
+    """
+    refused = []
+    for step, cand in sorted(candidates, key=lambda c: c[0], reverse=True):
+        try:
+            check(cand)
+        except CheckpointError as e:
+            refused.append(f"checkpoint at step {step} refused: {e}")
+            continue
+        return cand, refused
+    return None, refused
 
 
 def read_meta(root: str | Path) -> dict[str, Any]:

@@ -15,7 +15,9 @@ def deepspeed_config(t: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.batch_size * t.grad_accum * world_size,
         "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
+        # check_grad_overflow: ZeRO 1/2 then skip (and count) a step whose gradients hold NaN/Inf
+        # in bf16 as they already do in fp32 and fp16; the loop's guard relies on it.
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 500},
         # The optimizer (torch AdamW) and LR schedule (schedule.py) are passed in as objects:
         # DeepSpeed's fused optimizers need CUDA ops, and ZeRO 1/2 partition a torch optimizer's

@@ -49,7 +49,9 @@ def preflight(spec: JobSpec) -> None:
         StreamLayout(ds.split(split).tokens, world, t.batch_size, t.bptt).validate(f"data.path split {split!r}")
 
 
-def build_trainer(spec: JobSpec, run_name: str, train_loop_config: dict[str, Any]):
+def build_trainer(spec: JobSpec, run_name: str, train_loop_config: dict[str, Any], callbacks: list | None = None):
+    """The TorchTrainer of one run. ``callbacks``: Ray Train callbacks, e.g. carousel tune's
+    TuneReportCallback, which forwards each report of a trial's workers to Ray Tune."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -75,6 +77,7 @@ def build_trainer(spec: JobSpec, run_name: str, train_loop_config: dict[str, Any
             name=run_name,
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=spec.run.max_failures),
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=spec.run.keep_best,
                 checkpoint_score_attribute=ranking_metric(spec),
@@ -86,6 +89,30 @@ def build_trainer(spec: JobSpec, run_name: str, train_loop_config: dict[str, Any
 
 class _Terminated(Exception):
     pass
+
+
+class RunFailed(RuntimeError):
+    """Training failed (retries used up, or an error retrying cannot fix). The run keeps its
+    checkpoints and its MLflow run is FAILED; ``carousel train --resume NAME`` continues it."""
+
+    def __init__(self, run_name: str, reason: str):
+        super().__init__(f"run {run_name} FAILED: {reason}")
+        self.run_name, self.reason = run_name, reason
+
+
+def failure_reason(error: BaseException) -> str:
+    """One readable line per failed worker from Ray Train's error, innermost cause first seen."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        lines = []
+        for rank, exc in sorted(failures.items()):
+            cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the worker's own exception
+            text = str(cause).strip().splitlines()
+            lines.append(f"worker rank {rank}: {type(cause).__name__}: {text[-1] if text else ''}")
+        return "; ".join(lines)
+    inner = getattr(error, "controller_failure", None) or error
+    text = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {text[-1] if text else ''}"
 
 
 # Set by the handler: Ray Train catches and re-wraps exceptions raised inside fit(), so whether the
@@ -101,9 +128,14 @@ def _raise_terminated(signum, frame):
 def train(spec: JobSpec, address: str | None = None, tracking_uri: str | None = None) -> TrainOutcome:
     t0 = time.time()
     preflight(spec)
-    init_ray(address)  # before anything imports ray: it fixes the auth mode at import
+    embedded = init_ray(address)  # before anything imports ray: it fixes the auth mode at import
     import mlflow
     import ray
+
+    from carousel.train.capacity import wait_for_capacity
+
+    # An embedded Ray is this machine and nothing will join it: no point waiting.
+    wait_for_capacity(spec.scaling, 0 if embedded else spec.scaling.resources_timeout_s)
 
     from carousel.tracking.runs import close_run, open_run
     from carousel.tracking.store import resolve_tracking_uri
@@ -147,6 +179,10 @@ def train(spec: JobSpec, address: str | None = None, tracking_uri: str | None = 
     except (KeyboardInterrupt, _Terminated):
         status = "KILLED"
         raise
+    except Exception as e:
+        if _stopped_by:
+            raise
+        raise RunFailed(record.name, failure_reason(e)) from e
     finally:
         if _stopped_by:
             status = "KILLED"

@@ -6,6 +6,7 @@ calls ``ray.train.report`` at the same steps (it is a barrier). Rank 0 alone tal
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,81 @@ def local_grad_norm(module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def backward_and_step(engine, loss, t, boundary: bool) -> tuple[float | None, bool]:
+    """One micro-step. At the accumulation boundary with ZeRO 0, returns the gradient norm and
+    whether a non-finite gradient was dropped so the update became a no-op (see nonfinite.py);
+    ZeRO 1/2 and fp16 skip such a step inside DeepSpeed and count it in ``engine.skipped_steps``."""
+    from contextlib import nullcontext
+
+    from carousel.train.nonfinite import optimizer_step_skipped
+
+    engine.backward(loss)
+    norm, dropped = None, False
+    if boundary and t.zero_stage == 0:
+        # After backward the gradients are all-reduced, so every rank decides alike.
+        norm = local_grad_norm(engine.module)
+        dropped = not math.isfinite(norm) and t.precision != "fp16"  # fp16: DeepSpeed's loss scaler skips
+    with optimizer_step_skipped(engine) if dropped else nullcontext():
+        engine.step()
+    return norm, dropped
+
+
+def _intact_checkpoint(rank: int, world: int, say):
+    """The checkpoint to continue from: the newest committed one whose files all verify, and the
+    directory names already taken in the run (so a new checkpoint never lands in a refused one's).
+
+    Rank 0 checks the candidates (every rank's manifest, sizes and sha256, before DeepSpeed
+    unpickles anything) and broadcasts its choice so all ranks load the same step.
+    """
+    import ray.train
+    import torch.distributed as dist
+
+    from carousel.train import checkpoint as ckpt
+
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return None, set()
+    choice: list[Any] = [None, set()]
+    if rank == 0:
+        reported = ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        candidates = {c.checkpoint.path: (int(c.metrics.get("step", -1)), c.checkpoint) for c in reported}
+        choice[1] = {Path(p).name for p in [*candidates, latest.path]}
+        candidates.setdefault(latest.path, (1 << 62, latest))  # the latest first, whatever its metrics say
+
+        def check(cp) -> None:
+            with cp.as_directory() as d:
+                meta = ckpt.read_meta(d)
+                if meta["world_size"] != world:  # no older checkpoint would do better: fail
+                    raise ckpt.WorldSizeMismatch(
+                        f"{cp.path}: written by {meta['world_size']} workers, this run has {world}; "
+                        "set scaling.num_workers back or start a new run"
+                    )
+                ckpt.verify(d, world)
+
+        chosen, refused = ckpt.newest_intact(list(candidates.values()), check)
+        for line in refused:
+            say(line)
+        if refused and chosen is not None:
+            say(f"continuing from the newest intact checkpoint: {chosen.path}")
+        choice[0] = chosen.path if chosen is not None else ""
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    path, taken = choice
+    if not path:
+        return None, taken
+    return (latest if path == latest.path else ray.train.Checkpoint(path, filesystem=latest.filesystem)), taken
+
+
+def checkpoint_dir_name(step: int, taken: set[str]) -> str:
+    """``checkpoint-<step>``, or ``checkpoint-<step>-2``... when a refused checkpoint of the same
+    step still holds that name: Ray Train would merge into it and later delete both as one."""
+    name, n = f"checkpoint-{step:08d}", 2
+    while name in taken:
+        name, n = f"checkpoint-{step:08d}-{n}", n + 1
+    taken.add(name)
+    return name
+
+
 def train_worker(config: dict[str, Any]) -> None:
     device = configure_accelerator()
     import deepspeed
@@ -43,6 +119,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from carousel.config import JobSpec
     from carousel.train import checkpoint as ckpt
     from carousel.train.deepspeed_config import deepspeed_config
+    from carousel.train.nonfinite import NonFiniteGuard, weights_are_finite
     from carousel.train.progress import progress_line, say
     from carousel.train.safe_load import weights_only_engine
     from carousel.train.schedule import build_scheduler
@@ -66,23 +143,20 @@ def train_worker(config: dict[str, Any]) -> None:
     metric = unit.metric  # checkpoints are ranked by it, lower is better
 
     step, best = 0, {}
-    restored = ray.train.get_checkpoint()
+    guard = NonFiniteGuard(t.max_nonfinite_steps)
+    restored, taken_names = _intact_checkpoint(rank, world, say)
     if restored is not None:
         with restored.as_directory() as d:
             d = Path(d)
             meta = ckpt.read_meta(d)
-            if meta["world_size"] != world:
-                raise ckpt.CheckpointError(
-                    f"{d}: written by {meta['world_size']} workers, this run has {world}; "
-                    "set scaling.num_workers back or start a new run"
-                )
-            ckpt.verify(d, world)  # before DeepSpeed unpickles anything
             with weights_only_engine(engine):  # data, never code: see safe_load.py
                 engine.load_checkpoint(str(d / ckpt.ENGINE_DIR), tag=meta["tag"])
             state = ckpt.load_rank_state(d, rank)
         loader.load_state_dict(state["loader"])
         unit.load_state_dict(state["unit"], device)
         set_rng_state(state["rng"])
+        if "nonfinite" in state:
+            guard.load_state_dict(state["nonfinite"])
         step, best = meta["step"], meta.get("best", {})
 
     logger = None
@@ -92,7 +166,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
         c = client(config["tracking_uri"])
         run_id = config["mlflow_run_id"]
-        logger = MetricLogger(c, run_id, skip_through_step=last_logged_step(c, run_id, "train_loss"))
+        logger = MetricLogger(c, run_id, skip_through_step=last_logged_step(c, run_id, "lr"))
         monitor = None
         if spec.tracking.log_system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -111,6 +185,8 @@ def train_worker(config: dict[str, Any]) -> None:
         return unit.evaluate(engine.module, split, rank, world, limit)
 
     def save_and_report(metrics: dict[str, float]) -> None:
+        if not weights_are_finite(engine.module):  # the NaN guard should make this unreachable
+            raise ckpt.CheckpointError(f"step {step}: the weights hold NaN/Inf; no checkpoint is published")
         export = meta = None
         if rank == 0:
             export = {"state_dict": ckpt.export_state_dict(engine.module), **unit.export()}
@@ -122,35 +198,53 @@ def train_worker(config: dict[str, Any]) -> None:
                 "mlflow_run_id": config["mlflow_run_id"],
                 "spec": spec.model_dump(mode="json"),
             }
-        rank_state = {"loader": loader.state_dict(), "unit": unit.state_dict(), "rng": rng_state()}
+        rank_state = {"loader": loader.state_dict(), "unit": unit.state_dict(), "rng": rng_state(),
+                      "nonfinite": guard.state_dict()}
         with tempfile.TemporaryDirectory(prefix="carousel-ckpt-") as tmp:
             ckpt.save(Path(tmp), engine, f"step{step}", rank, rank_state, meta, export)
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"checkpoint-{step:08d}",
+                checkpoint_dir_name=checkpoint_dir_name(step, taken_names),
             )
+        # report() returns once the files are in storage, but the controller registers the
+        # checkpoint only at its next poll of the workers (every ~2 s). A worker killed in between
+        # takes the report with it and the restarted group would begin from an older checkpoint
+        # (or step 0), so training goes on only after Ray Train has committed this one.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
     engine.train()
     stage0_norm = float("nan")
     window_t0, window_loss, window_steps, window_work = time.time(), 0.0, 0, 0
     run_t0, run_step0 = time.time(), step
+    drill = set(t.inject_nonfinite_steps)
     while step < t.max_steps:
+        skipped_before, dropped = engine.skipped_steps, False
+        step_loss = 0.0
         for micro in range(t.grad_accum):
             loss, work = unit.train_loss(engine, loader.next())
+            if step + 1 in drill:
+                loss = loss * float("nan")
             window_work += work  # tokens or frames: what the throughput counts
-            engine.backward(loss)
-            if micro == t.grad_accum - 1 and t.zero_stage == 0:
-                stage0_norm = local_grad_norm(engine.module)
-            engine.step()
-            window_loss = window_loss + loss.detach().float() / t.grad_accum  # no host sync per step
+            norm, drop = backward_and_step(engine, loss, t, boundary=micro == t.grad_accum - 1)
+            if norm is not None:
+                stage0_norm, dropped = norm, dropped or drop
+            step_loss = step_loss + loss.detach().float() / t.grad_accum  # no host sync per step
         step += 1
-        window_steps += 1
+        skipped = dropped or engine.skipped_steps > skipped_before
+        guard.observe(step, skipped)
+        if skipped:
+            if rank == 0:
+                say(f"step {step}: NaN/Inf loss or gradient; update skipped ({guard.in_a_row} in a row, {guard.total} in all)")
+        else:
+            window_loss = window_loss + step_loss
+            window_steps += 1
         last = step == t.max_steps
         halt = step == t.halt_at_step
 
         if step % t.log_every == 0 or last or halt:
-            unit_mean, total_work = float(window_loss) / window_steps, float(window_work)
+            unit_mean = float(window_loss) / window_steps if window_steps else float("nan")
+            total_work = float(window_work)
             if world > 1:
                 import torch.distributed as dist
 
@@ -162,13 +256,12 @@ def train_worker(config: dict[str, Any]) -> None:
                 per_s = total_work / max(elapsed, 1e-9)
                 lr = engine.get_lr()[0]
                 rate = (step - run_step0) / max(time.time() - run_t0, 1e-9)
-                extra = unit.train_metrics(unit_mean)
-                logger.log(
-                    {"train_loss": unit_mean, **extra, "lr": lr,
-                     "grad_norm": stage0_norm if t.zero_stage == 0 else float(engine.get_global_grad_norm()),
-                     unit.rate_name: per_s},
-                    step,
-                )
+                extra = unit.train_metrics(unit_mean) if window_steps else {}
+                point = {"lr": lr, "nonfinite_skipped": guard.total, unit.rate_name: per_s}
+                if window_steps:  # a window of skipped steps has no loss worth charting
+                    grad_norm = stage0_norm if t.zero_stage == 0 else float(engine.get_global_grad_norm())
+                    point.update({"train_loss": unit_mean, **extra, "grad_norm": grad_norm})
+                logger.log(point, step)
                 say(progress_line(step, t.max_steps, unit_mean, extra.get("train_ppl"), lr, per_s,
                                   (t.max_steps - step) / max(rate, 1e-9), unit.rate_unit))
             window_t0, window_loss, window_steps, window_work = time.time(), 0.0, 0, 0

@@ -1,0 +1,325 @@
+"""What the rows share: the plain-PyTorch trainer, `carousel train` as a subprocess, a private
+Ray cluster, and reading the load average and workers' memory."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+from bench_math import vm_hwm_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SPEC = ROOT / "benchmarks" / "lm-bench.yaml"
+PRECISIONS = ("fp32", "bf16-autocast", "bf16-cast")
+
+
+def load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# ------------------------------------------------------------------ the plain PyTorch baseline
+
+
+class PlainLM:
+    """The benchmark job's model, data, optimizer (same parameter groups as train/loop.py),
+    clipping and LR schedule in a bare PyTorch loop: the baseline every overhead is measured
+    against, and the kernel row's subject.
+
+    precision:
+      fp32           everything in fp32
+      bf16-autocast  fp32 weights; matmuls (and oneDNN's RNN, where the CPU supports it) in bf16
+      bf16-cast      the model cast to bf16 (what DeepSpeed's bf16 mode does) with fp32 master
+                     weights for AdamW, as DeepSpeed's BF16 optimizer keeps them
+
+    Each instance keeps its own RNG stream, so two instances stepped alternately draw the same
+    dropout masks as each would alone: precisions compared side by side see identical batches
+    and masks.
+    """
+
+    def __init__(self, data: str, threads: int, precision: str = "fp32", overrides: list[str] | None = None):
+        import torch
+
+        from carousel.config import load_spec
+        from carousel.data.shards import Dataset
+        from carousel.data.streams import StreamLoader
+        from carousel.models.lm import LanguageModel
+        from carousel.train.loop import _optimizer
+        from carousel.train.schedule import build_scheduler
+
+        from carousel.train.runtime import set_threads
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+        set_threads(threads)  # what a Carousel worker does: intra-op threads = CPUs, one inter-op thread
+        self.torch, self.precision = torch, precision
+        self.spec = spec = load_spec(SPEC, [f"data.path={data}", *(overrides or [])])
+        t = spec.train
+        self.dataset = Dataset(data, verify_checksums=False)  # verified once by the caller's first run
+        torch.manual_seed(spec.seed)
+        self.model = LanguageModel(spec.model, int(self.dataset.manifest.tokenizer["vocab_size"]))
+        self.compute = self.model
+        if precision == "bf16-cast":
+            self.compute = copy.deepcopy(self.model).to(torch.bfloat16)  # tied weights stay tied
+        self.opt = _optimizer(self.model, spec)
+        self.sched = build_scheduler(self.opt, t)
+        self.loader = StreamLoader(self.dataset, spec.data.train_split, 0, 1, t.batch_size, t.bptt)
+        self.tokens_per_step = t.batch_size * t.bptt
+        self.state = None
+        self._rng = torch.get_rng_state()
+
+    def _ctx(self):
+        if self.precision == "bf16-autocast":
+            return self.torch.autocast("cpu", dtype=self.torch.bfloat16)
+        return nullcontext()
+
+    def step(self) -> dict[str, float]:
+        """One training step -> {"step_s", "wait_s" (time in the loader), "loss"}."""
+        from carousel.models.recurrent import detach_state
+
+        torch = self.torch
+        torch.set_rng_state(self._rng)
+        t0 = time.perf_counter()
+        x, y, fresh = self.loader.next()
+        t1 = time.perf_counter()
+        if fresh:
+            self.state = None
+        with self._ctx():
+            loss, state = self.compute(x, self.state, targets=y)
+        self.opt.zero_grad(set_to_none=True)
+        self.compute.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.compute is not self.model:  # bf16 grads -> fp32 master, update, copy back
+            for master, low in zip(self.model.parameters(), self.compute.parameters()):
+                master.grad = low.grad.float()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.train.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        if self.compute is not self.model:
+            with torch.no_grad():
+                for master, low in zip(self.model.parameters(), self.compute.parameters()):
+                    low.copy_(master)
+        self.state = detach_state(state)
+        value = float(loss.detach())  # a host sync, as any loop that logs the loss has
+        t2 = time.perf_counter()
+        self._rng = torch.get_rng_state()
+        return {"step_s": t2 - t0, "wait_s": t1 - t0, "loss": value}
+
+    def evaluate(self, windows: int) -> float:
+        """Mean validation cross-entropy over the first ``windows`` windows of the valid split."""
+        from carousel.data.streams import StreamLoader
+
+        torch, t = self.torch, self.spec.train
+        loader = StreamLoader(self.dataset, self.spec.data.valid_split, 0, 1, t.batch_size, t.bptt, max_windows=windows)
+        self.compute.eval()
+        total, n, state = 0.0, 0, None
+        with torch.no_grad(), self._ctx():
+            for x, y, _ in loader:
+                loss, state = self.compute(x, state, targets=y)
+                total += float(loss) * y.numel()
+                n += y.numel()
+        self.compute.train()
+        return total / n
+
+
+def plain_loop(data: str, steps: int, warmup: int, threads: int, logger=None, precision: str = "fp32") -> dict:
+    """``warmup + steps`` plain steps; medians of the steady ones."""
+    lm = PlainLM(data, threads, precision)
+    times, waits = [], []
+    cpu0 = None
+    for step in range(warmup + steps):
+        if step == warmup:
+            cpu0 = time.process_time()
+        r = lm.step()
+        if logger is not None:
+            t0 = time.perf_counter()
+            logger(step, r["loss"])
+            r["step_s"] += time.perf_counter() - t0
+        if step >= warmup:
+            times.append(r["step_s"])
+            waits.append(r["wait_s"])
+    cpu = time.process_time() - cpu0
+    med = statistics.median(times)
+    return {"step_s": med, "tokens_per_s": lm.tokens_per_step / med, "wait_s": statistics.median(waits),
+            "tokens_per_cpu_s": lm.tokens_per_step * steps / cpu}
+
+
+def plain_process(data: str, steps: int, warmup: int, threads: int, env: dict[str, str | None] | None = None) -> dict:
+    """plain_loop in a fresh Python process, as a Carousel worker is one: the thread set-up and
+    OpenMP environment start from scratch (``env``: variables to set, or with None to remove)."""
+    import json
+
+    e = {**os.environ, **{k: v for k, v in (env or {}).items() if v is not None}}
+    for k, v in (env or {}).items():
+        if v is None:
+            e.pop(k, None)
+    out = subprocess.run([sys.executable, __file__, "plain", data, str(steps), str(warmup), str(threads)],
+                         env=e, capture_output=True, text=True, start_new_session=True)
+    if out.returncode:
+        raise RuntimeError(f"plain loop failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ Carousel itself
+
+
+def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str | None = None,
+                   extra: list[str] | None = None, watch: Callable[[str, subprocess.Popen], None] | None = None,
+                   spec: Path = SPEC, workers_root: int | None = None) -> dict:
+    """Run `carousel train` and read its per-step throughput back from MLflow.
+
+    ``watch(line, proc)`` sees every output line as it arrives (the memory row reads the
+    workers' peak RSS when a given step is printed). The result carries a timeline: seconds from
+    launch to the first occurrence of each start-up milestone, and ``tokens_per_cpu_s``: tokens of
+    the measured steps per CPU-second the train workers spent on them (read from /proc when rank 0
+    prints the first and the last of those steps; ``workers_root`` is the process the workers
+    descend from: a running cluster's head, else this command). CPU time hardly moves with the
+    machine's load, so it backs the wall-clock figure on a shared machine.
+    """
+    from mlflow.tracking import MlflowClient
+
+    name = f"bench-{int(time.time() * 1000)}"
+    args = [str(BIN / "carousel"), "train", str(spec), "--set", f"data.path={data}",
+            "--set", f"train.max_steps={warmup + steps + 1}", "--set", f"run.name={name}",
+            "--set", f"run.storage_path={work / 'runs'}", *(extra or [])]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if address:
+        args += ["--address", address]
+    # Lines printed by the driver, Ray Train's controller, DeepSpeed and rank 0, in launch order.
+    milestones = {"run_opened": re.compile(r"^starting run "), "controller": re.compile(r"Requesting resources"),
+                  "workers_started": re.compile(r"Started training worker group"),
+                  "deepspeed_comm": re.compile(r"DeepSpeed .* built successfully"),
+                  "model_built": re.compile(r"model: \d+ x"), "first_step": re.compile(r"\bstep\s+1/"),
+                  "last_report": re.compile(r"Reporting training result"), "finished": re.compile(r": FINISHED in ")}
+    timeline: dict[str, float] = {}
+    window = {warmup: re.compile(rf"\bstep\s+{warmup}/"), warmup + steps: re.compile(rf"\bstep\s+{warmup + steps}/")}
+    cpu_at: dict[int, float] = {}
+    before = set(train_workers(workers_root)) if workers_root else set()
+    t0 = time.time()
+    proc = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            for key, pat in milestones.items():
+                if key not in timeline and pat.search(line):
+                    timeline[key] = round(time.time() - t0, 2)
+            for step, pat in window.items():
+                if steps and step not in cpu_at and pat.search(line):
+                    cpu_at[step] = workers_cpu_s(workers_root or proc.pid, before)
+            if watch is not None:
+                watch(line, proc)
+        proc.wait()
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGTERM)
+        raise
+    if proc.returncode:
+        raise RuntimeError(f"carousel train failed:\n{''.join(out[-40:])}")
+    c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("carousel-bench")
+    (run,) = c.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")
+    tps = [m.value for m in sorted(c.get_metric_history(run.info.run_id, "tokens_per_s"), key=lambda m: m.step)
+           if warmup < m.step <= warmup + steps]
+    cpu = cpu_at.get(warmup + steps, 0.0) - cpu_at.get(warmup, 0.0) if len(cpu_at) == 2 else float("nan")
+    per_step = int(run.data.params.get("train.batch_size", 0)) * int(run.data.params.get("train.bptt", 0)) * \
+        int(run.data.params.get("scaling.num_workers", 1))
+    return {"tokens_per_s": statistics.median(tps) if tps else float("nan"), "first_step_s": timeline.get("first_step"),
+            "wall_s": round(time.time() - t0, 2), "timeline": timeline,
+            "tokens_per_cpu_s": per_step * steps / cpu if cpu > 0 else float("nan")}
+
+
+class PrivateCluster:
+    """A `ray start --head` of our own (2 CPUs), stopped by its process group: never `ray stop`,
+    which would stop every Ray on a shared machine."""
+
+    def __init__(self, work: Path, num_cpus: int = 2):
+        from ray._private.services import get_node_ip_address
+
+        sys.path.insert(0, str(ROOT / "tests" / "integration"))
+        from conftest import free_port
+
+        port = free_port()
+        self.log_path = work / f"ray-{port}.log"
+        log = open(self.log_path, "w")
+        self.head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
+             f"--dashboard-port={free_port()}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.address = f"{get_node_ip_address()}:{port}"
+        deadline = time.time() + 180
+        while "Ray runtime started" not in self.log_path.read_text():
+            if self.head.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(self.log_path.read_text())
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.head.poll() is None:
+            os.killpg(self.head.pid, signal.SIGTERM)
+            try:
+                self.head.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.head.pid, signal.SIGKILL)
+                self.head.wait(10)
+
+    def __enter__(self) -> "PrivateCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ------------------------------------------------------------------ workers' memory
+
+
+def workers_cpu_s(root_pid: int, exclude: set[int]) -> float:
+    """User + system CPU seconds of the Ray Train workers below ``root_pid`` (except ``exclude``)."""
+    import psutil
+
+    total = 0.0
+    for pid in train_workers(root_pid):
+        if pid not in exclude:
+            try:
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    return total
+
+
+def train_workers(root_pid: int) -> dict[int, int]:
+    """{pid: peak RSS bytes} of the Ray Train workers below ``root_pid`` (a `carousel train` with
+    embedded Ray, or our own cluster's head): only our processes, whatever else runs."""
+    import psutil
+
+    out = {}
+    try:
+        kids = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return out
+    for p in kids:
+        try:
+            if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"):
+                out[p.pid] = vm_hwm_bytes(Path(f"/proc/{p.pid}/status").read_text())
+        except (psutil.Error, OSError, ValueError):
+            continue  # exited between listing and reading
+    return out
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["plain"]:
+    import json
+
+    _data, _steps, _warmup, _threads = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    print(json.dumps(plain_loop(_data, _steps, _warmup, _threads)))

@@ -1,0 +1,49 @@
+"""Row 6, scaling: Carousel's global tokens/s with 2 workers x 1 thread against 1 worker x 1 thread
+(data parallelism; goal >= 1.8 on a quiet 2-core machine) and against 1 worker x 2 threads (the
+same cores used by intra-op threads instead). Same per-worker batch, a running private cluster,
+sides alternated; the load average is recorded because on a shared 2-core machine it, not
+Carousel, decides the first ratio. Tokens per CPU-second of the workers show what data
+parallelism costs in work (gradient all-reduce, a second process) independently of the load."""
+
+from __future__ import annotations
+
+from bench_math import Goal, alternate, ratio, spread
+from common import carousel_train, load_avg
+
+SHAPES = {"1x1": (1, 1), "2x1": (2, 1), "1x2": (1, 2)}
+
+
+def run(ctx) -> dict:
+    cluster = ctx.cluster()
+    loads: list[list[float]] = []
+    cpu: dict[str, list[float]] = {k: [] for k in SHAPES}
+
+    def side(name: str, workers: int, threads: int):
+        def go() -> float:
+            extra = ["--set", f"scaling.num_workers={workers}", "--set", f"scaling.cpus_per_worker={threads}"]
+            r = carousel_train(ctx.data, ctx.scaling_steps, ctx.warmup, ctx.work, address=cluster.address, extra=extra,
+                               workers_root=cluster.head.pid)
+            loads.append(load_avg())
+            cpu[name].append(r["tokens_per_cpu_s"])
+            return r["tokens_per_s"]
+
+        return go
+
+    s = alternate({k: side(k, *v) for k, v in SHAPES.items()}, ctx.rounds)
+    m = {k: spread(v) for k, v in s.items()}
+    c = {k: spread(v) for k, v in cpu.items()}
+    return {
+        "tokens_per_s": m,
+        "tokens_per_cpu_s": c,
+        "load_avg_per_run": loads,
+        "ratios": [
+            ratio("scaling 2x1/1x1", m["2x1"]["median"] / m["1x1"]["median"], Goal(">=", 1.8),
+                  f"{m['2x1']['median']:.0f} / {m['1x1']['median']:.0f} tok/s (2 workers x 1 thread / 1 x 1)"),
+            ratio("scaling 2x1/1x2", m["2x1"]["median"] / m["1x2"]["median"], None,
+                  f"{m['2x1']['median']:.0f} / {m['1x2']['median']:.0f} tok/s (2 workers x 1 thread / 1 x 2)"),
+            ratio("scaling 2x1/1x1 CPU-s", c["2x1"]["median"] / c["1x1"]["median"], None,
+                  f"{c['2x1']['median']:.0f} / {c['1x1']['median']:.0f} tok per CPU-second: what data parallelism "
+                  "costs in work, whatever the load"),
+        ],
+        "load_avg": load_avg(),
+    }
