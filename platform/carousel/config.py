@@ -310,19 +310,27 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def set_dotted(raw: dict[str, Any], parts: list[str], value: Any) -> None:
+    """raw[a][b][c] = value for parts [a, b, c], creating sections; ValueError names a non-section."""
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ValueError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {'.'.join(parts)}")
+        node = nxt
+    node[parts[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     out = copy.deepcopy(raw)
     for item in overrides:
         parts, value = parse_override(item)
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise SpecError([f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {'.'.join(parts)}"])
-            node = nxt
-        node[parts[-1]] = value
+        try:
+            set_dotted(out, parts, value)
+        except ValueError as e:
+            raise SpecError([str(e)]) from None
     return out
 
 

@@ -3,7 +3,7 @@
 helm-python-sdk embeds Helm's Go library, so templates, values.schema.json and `fail` run
 exactly as under `helm install`. Every rendered object is validated against the Kubernetes
 OpenAPI schemas (kubernetes-validate, strict: unknown fields are errors) and RayCluster /
-RayJob against KubeRay's CRD schemas from shared/kuberay-crds. The remaining tests pin the
+RayJob against KubeRay's CRD schemas (tests/integration/kuberay-crds). The remaining tests pin the
 behaviour the chart promises: secure pods, token auth, MLflow wiring, storage a retried job
 resumes from, and clear rejection of bad values.
 
@@ -39,7 +39,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "carousel"
 # CI clones the repo with shared/ beside it; a developer may point elsewhere.
-CRD_DIR = Path(os.environ.get("CAROUSEL_KUBERAY_CRDS", REPO.parent / "shared" / "kuberay-crds"))
+# KubeRay's own CRDs (Apache-2.0, LICENSE beside them), vendored so a clean clone tests offline.
+CRD_DIR = Path(os.environ.get("CAROUSEL_KUBERAY_CRDS", Path(__file__).parent / "kuberay-crds"))
 
 RELEASE = "demo"
 NAMESPACE = "ml"

@@ -4,7 +4,6 @@ The S3 API is moto's server on 127.0.0.1 — a real HTTP S3 endpoint, reached th
 S3 filesystem exactly as AWS would be.
 """
 
-import os
 import subprocess
 import time
 import urllib.request

@@ -13,7 +13,6 @@ token auth, and a throwaway PostgreSQL server started from Debian's binaries.
   a command line, and every listening socket is on loopback or the node's IP.
 """
 
-import json
 import os
 import re
 import shutil

@@ -16,7 +16,6 @@ LM has just seen ``<eos>`` (a line start, as in training).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 

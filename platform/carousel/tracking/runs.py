@@ -24,8 +24,28 @@ RECORD = "carousel-run.json"
 FINISHED = "FINISHED"
 
 
+class JsonRecord:
+    """A dataclass stored as ``<storage>/<name>/<FILE>``, written atomically (a reader never sees half)."""
+
+    FILE = ""
+
+    @classmethod
+    def location(cls, storage_path: str, name: str) -> Location:
+        return Location.parse(storage_path).join(name, cls.FILE)
+
+    @classmethod
+    def load(cls, storage_path: str, name: str):
+        loc = cls.location(storage_path, name)
+        if not loc.exists():
+            return None
+        return cls(**json.loads(loc.read_bytes()))
+
+    def _write(self, storage_path: str) -> None:
+        atomic_write(self.location(storage_path, self.name), json.dumps(asdict(self), indent=2).encode())
+
+
 @dataclass
-class RunRecord:
+class RunRecord(JsonRecord):
     name: str
     mlflow_run_id: str
     experiment_id: str
@@ -35,20 +55,10 @@ class RunRecord:
     step: int = 0
     created: float = 0.0
     driver: dict[str, Any] | None = None  # host and pid of the driver that last opened the run
-
-    @staticmethod
-    def location(storage_path: str, name: str) -> Location:
-        return Location.parse(storage_path).join(name, RECORD)
-
-    @classmethod
-    def load(cls, storage_path: str, name: str) -> "RunRecord | None":
-        loc = cls.location(storage_path, name)
-        if not loc.exists():
-            return None
-        return cls(**json.loads(loc.read_bytes()))
+    FILE = RECORD
 
     def save(self, storage_path: str) -> None:
-        atomic_write(self.location(storage_path, self.name), json.dumps(asdict(self), indent=2).encode())
+        self._write(storage_path)
 
 
 def git_commit() -> str | None:

@@ -173,16 +173,9 @@ def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """
     import copy
 
+    from carousel.config import set_dotted
+
     out = copy.deepcopy(raw)
     for path, value in values.items():
-        parts = path.split(".")
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ValueError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {path}")
-            node = nxt
-        node[parts[-1]] = value
+        set_dotted(out, path.split("."), value)
     return out

@@ -20,12 +20,11 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from carousel.config import JobSpec, flatten
-from carousel.data.storage import Location, atomic_write
-from carousel.tracking.runs import _param_value, _pid_alive, git_commit
+from carousel.tracking.runs import JsonRecord, _param_value, _pid_alive, git_commit
 from carousel.tracking.store import client, ensure_experiment
 
 RECORD = "carousel-search.json"
@@ -34,7 +33,7 @@ PARENT_TAG = "mlflow.parentRunId"
 
 
 @dataclass
-class SearchRecord:
+class SearchRecord(JsonRecord):
     name: str
     parent_run_id: str
     experiment_id: str
@@ -46,20 +45,10 @@ class SearchRecord:
     created: float = 0.0
     driver: dict[str, Any] | None = None
     best: dict[str, Any] = field(default_factory=dict)
-
-    @staticmethod
-    def location(storage_path: str, name: str) -> Location:
-        return Location.parse(storage_path).join(name, RECORD)
-
-    @classmethod
-    def load(cls, storage_path: str, name: str) -> "SearchRecord | None":
-        loc = cls.location(storage_path, name)
-        if not loc.exists():
-            return None
-        return cls(**json.loads(loc.read_bytes()))
+    FILE = RECORD
 
     def save(self) -> None:
-        atomic_write(self.location(self.storage_path, self.name), json.dumps(asdict(self), indent=2).encode())
+        self._write(self.storage_path)
 
     def driver_alive(self) -> bool | None:
         """Whether the driver that last ran this search still runs: None when it ran on another
