@@ -36,7 +36,7 @@ def raw_bulk(dataset, split: str) -> float:
     for shard in dataset.split(split).shards:
         with pa.memory_map(str(Path(dataset.root.path) / shard.path), "r") as src:
             ids = pa.ipc.open_file(src).read_all()["ids"].combine_chunks().flatten()
-            n += torch.from_numpy(ids.to_numpy(zero_copy_only=False)).to(torch.int64).numel()
+            n += torch.from_numpy(ids.to_numpy(zero_copy_only=False).astype(np.int64)).numel()
     return n / (time.perf_counter() - t0)
 
 

@@ -96,3 +96,27 @@ def test_every_failed_send_is_bounded(monkeypatch, caplog):
     print(f"failed send: refused port {refused_s:.1f}s; silent server {silent_s:.1f}s at a 1 s timeout "
           f"(so ~{(retries + 1) * int(HTTP_BOUNDS['MLFLOW_HTTP_REQUEST_TIMEOUT']) + 5}s at Carousel's "
           f"{HTTP_BOUNDS['MLFLOW_HTTP_REQUEST_TIMEOUT']} s); close(timeout=2) gave up after {close_s:.1f}s")
+
+
+def test_points_a_checkpoint_carries_arrive_once_after_a_restart(tmp_path):
+    """Rank 0 puts its unsent points in each checkpoint: a worker killed before its next send must
+    not take steps the checkpoint covers (which are never replayed) with it."""
+    import torch
+
+    c = client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+    run_id = c.create_run(exp).info.run_id
+    before_kill = MetricLogger(c, run_id, interval=3600)
+    for step in range(1, 4):
+        before_kill.log({"loss": 1.0 / step}, step)
+    before_kill.flush()  # steps 1-3 reached the server
+    for step in range(4, 7):
+        before_kill.log({"loss": 1.0 / step}, step)  # steps 4-6 had not when the worker died
+    torch.save({"unsent_metrics": before_kill.unsent()}, tmp_path / "rank-0.pt")
+    state = torch.load(tmp_path / "rank-0.pt", weights_only=True)  # as the loop reads it back
+
+    restarted = MetricLogger(c, run_id, interval=3600, skip_through_step=last_logged_step(c, run_id, "loss"))
+    restarted.resend(state["unsent_metrics"])
+    restarted.resend(state["unsent_metrics"])  # twice (a second restart): still once each
+    assert restarted.flush()
+    assert sorted(m.step for m in c.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5, 6]

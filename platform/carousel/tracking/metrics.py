@@ -61,6 +61,21 @@ class MetricLogger:
                     del self._buf[key]
                 log.warning("metric buffer full (tracking server down?): dropped the oldest points")
 
+    def unsent(self) -> list[tuple[str, float, int, int]]:
+        """The points not yet confirmed by the server, as (key, value, timestamp, step).
+
+        Rank 0 keeps them in each checkpoint: a worker killed before its next send would otherwise
+        take points of steps the checkpoint already covers (and so never replays) with it."""
+        with self._lock:
+            return [(m.key, m.value, m.timestamp, m.step) for m in self._buf.values()]
+
+    def resend(self, points: list[tuple[str, float, int, int]]) -> None:
+        """Buffer points restored from a checkpoint as they were (same timestamp: re-sending one
+        the server already has is a no-op), bypassing ``skip_through_step``."""
+        with self._lock:
+            for key, value, timestamp, step in points:
+                self._buf.setdefault((key, step), Metric(key, value, timestamp, step))
+
     def flush(self) -> bool:
         """Send everything buffered; True when the buffer is empty afterwards."""
         with self._lock:

@@ -142,7 +142,7 @@ def train_worker(config: dict[str, Any]) -> None:
     seed_everything(spec.seed + 1 + rank)  # per-rank dropout streams
     metric = unit.metric  # checkpoints are ranked by it, lower is better
 
-    step, best = 0, {}
+    step, best, unsent_metrics = 0, {}, []
     guard = NonFiniteGuard(t.max_nonfinite_steps)
     restored, taken_names = _intact_checkpoint(rank, world, say)
     if restored is not None:
@@ -158,6 +158,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if "nonfinite" in state:
             guard.load_state_dict(state["nonfinite"])
         step, best = meta["step"], meta.get("best", {})
+        unsent_metrics = state.get("unsent_metrics", [])
 
     logger = None
     if rank == 0:
@@ -167,6 +168,7 @@ def train_worker(config: dict[str, Any]) -> None:
         c = client(config["tracking_uri"])
         run_id = config["mlflow_run_id"]
         logger = MetricLogger(c, run_id, skip_through_step=last_logged_step(c, run_id, "lr"))
+        logger.resend(unsent_metrics)  # points the checkpoint covers that the server never confirmed
         monitor = None
         if spec.tracking.log_system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -199,7 +201,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 "spec": spec.model_dump(mode="json"),
             }
         rank_state = {"loader": loader.state_dict(), "unit": unit.state_dict(), "rng": rng_state(),
-                      "nonfinite": guard.state_dict()}
+                      "nonfinite": guard.state_dict(), "unsent_metrics": logger.unsent() if logger else []}
         with tempfile.TemporaryDirectory(prefix="carousel-ckpt-") as tmp:
             ckpt.save(Path(tmp), engine, f"step{step}", rank, rank_state, meta, export)
             ray.train.report(
