@@ -203,7 +203,7 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
                   "last_report": re.compile(r"Reporting training result"), "finished": re.compile(r": FINISHED in ")}
     timeline: dict[str, float] = {}
     window = {warmup: re.compile(rf"\bstep\s+{warmup}/"), warmup + steps: re.compile(rf"\bstep\s+{warmup + steps}/")}
-    cpu_at: dict[int, float] = {}
+    cpu_at: dict[int, tuple[float, dict[str, float]]] = {}
     before = set(train_workers(workers_root)) if workers_root else set()
     t0 = time.time()
     proc = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -217,7 +217,7 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
                     timeline[key] = round(time.time() - t0, 2)
             for step, pat in window.items():
                 if steps and step not in cpu_at and pat.search(line):
-                    cpu_at[step] = workers_cpu_s(workers_root or proc.pid, before)
+                    cpu_at[step] = (time.time(), workers_cpu_by_thread(workers_root or proc.pid, before))
             if watch is not None:
                 watch(line, proc)
         proc.wait()
@@ -229,14 +229,23 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
     c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp = c.get_experiment_by_name("carousel-bench")
     (run,) = c.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")
-    tps = [m.value for m in sorted(c.get_metric_history(run.info.run_id, "tokens_per_s"), key=lambda m: m.step)
-           if warmup < m.step <= warmup + steps]
-    cpu = cpu_at.get(warmup + steps, 0.0) - cpu_at.get(warmup, 0.0) if len(cpu_at) == 2 else float("nan")
+    history = c.get_metric_history(run.info.run_id, "tokens_per_s")
+    tps = [m.value for m in sorted(history, key=lambda m: m.step) if warmup < m.step <= warmup + steps]
+    threads, done = {}, 0
+    if len(cpu_at) == 2:
+        (ta, a), (tb, b) = cpu_at[warmup], cpu_at[warmup + steps]
+        threads = {k: b[k] - a.get(k, 0.0) for k in b}
+        # The lines reach us through Ray's log forwarding, late by a varying fraction of a second:
+        # count the steps finished between the two CPU readings by the metric timestamps rank 0
+        # wrote right after each step (same clock), not by the step numbers the lines carry.
+        done = sum(1 for m in history if ta * 1000 < m.timestamp <= tb * 1000)
+    cpu = sum(threads.values()) if threads else float("nan")
     per_step = int(run.data.params.get("train.batch_size", 0)) * int(run.data.params.get("train.bptt", 0)) * \
         int(run.data.params.get("scaling.num_workers", 1))
     return {"tokens_per_s": statistics.median(tps) if tps else float("nan"), "first_step_s": timeline.get("first_step"),
             "wall_s": round(time.time() - t0, 2), "timeline": timeline,
-            "tokens_per_cpu_s": per_step * steps / cpu if cpu > 0 else float("nan")}
+            "tokens_per_cpu_s": per_step * done / cpu if cpu > 0 and done else float("nan"),
+            "cpu_s_by_thread": thread_summary(threads)}
 
 
 class PrivateCluster:
@@ -284,19 +293,38 @@ class PrivateCluster:
 # ------------------------------------------------------------------ workers' memory
 
 
+def workers_cpu_by_thread(root_pid: int, exclude: set[int]) -> dict[str, float]:
+    """CPU seconds (user + system) of the Ray Train workers below ``root_pid`` (except
+    ``exclude``), by thread name: where a worker's CPU goes besides the training thread (Ray's
+    threads, the metric logger, OpenMP's pool). Read from /proc/<pid>/task/<tid>/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in train_workers(root_pid):
+        if pid in exclude:
+            continue
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                stat = (task / "stat").read_text()
+                name = (task / "comm").read_text().strip()
+            except OSError:
+                continue  # the thread ended
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+            out[f"{pid}/{task.name} {name}"] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+def thread_summary(cpu_by_thread: dict[str, float]) -> dict[str, float]:
+    """Per-thread CPU -> the busiest thread (the training thread), the next (OpenMP's second
+    thread, when there are two), and every other thread summed (Ray, gloo, the metric logger):
+    most threads inherit the worker's name, so their rank is what tells them apart."""
+    ranked = sorted(cpu_by_thread.values(), reverse=True)
+    return {"busiest": round(sum(ranked[:1]), 3), "second": round(sum(ranked[1:2]), 3),
+            "all_others": round(sum(ranked[2:]), 3)}
+
+
 def workers_cpu_s(root_pid: int, exclude: set[int]) -> float:
     """User + system CPU seconds of the Ray Train workers below ``root_pid`` (except ``exclude``)."""
-    import psutil
-
-    total = 0.0
-    for pid in train_workers(root_pid):
-        if pid not in exclude:
-            try:
-                t = psutil.Process(pid).cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-    return total
+    return sum(workers_cpu_by_thread(root_pid, exclude).values())
 
 
 def train_workers(root_pid: int) -> dict[int, int]:

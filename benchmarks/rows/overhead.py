@@ -16,6 +16,7 @@ from common import carousel_train, load_avg, plain_process
 def run(ctx) -> dict:
     cluster = ctx.cluster()  # a running cluster: start-up is row 5's business, not this one's
     cpu: dict[str, list[float]] = {"plain": [], "carousel": []}
+    threads: list[dict[str, float]] = []
 
     def plain() -> float:
         r = plain_process(ctx.data, ctx.steps, ctx.warmup, threads=2)
@@ -26,6 +27,7 @@ def run(ctx) -> dict:
         r = carousel_train(ctx.data, ctx.steps, ctx.warmup, ctx.work, address=cluster.address,
                            workers_root=cluster.head.pid)
         cpu["carousel"].append(r["tokens_per_cpu_s"])
+        threads.append(r["cpu_s_by_thread"])
         return r["tokens_per_s"]
 
     s = alternate({"plain": plain, "carousel": carousel}, ctx.rounds)
@@ -36,6 +38,7 @@ def run(ctx) -> dict:
         "plain_tokens_per_s": p,
         "carousel_tokens_per_cpu_s": cc,
         "plain_tokens_per_cpu_s": cp,
+        "carousel_worker_cpu_s_by_thread": threads,  # over the measured steps, per Carousel run
         "ratios": [
             ratio("platform", c["median"] / p["median"], Goal(">=", 0.97),
                   f"{c['median']:.0f} / {p['median']:.0f} tok/s (Carousel / plain PyTorch)"),
