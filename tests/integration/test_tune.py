@@ -56,7 +56,7 @@ def asha(tmp_path_factory, kjv_tiny, cluster_env):
     spec = write_spec(work, kjv_tiny, "asha", {"train.lr": {"grid": GOOD + WEAK}},
                       {"kind": "asha", "grace_period": 10, "reduction_factor": 2}, steps=30)
     t0 = time.time()
-    proc = run([BIN / "carousel", "tune", spec], cwd=work, env=cluster_env)
+    proc = run([BIN / "carousel", "tune", spec], cwd=work, env=cluster_env, timeout=1800)  # 4 trials; slow on a loaded 2-core box
     return work, proc.stdout, time.time() - t0
 
 
