@@ -1,5 +1,6 @@
 """Pure parts of `carousel submit` / `jobs` / `cluster`: runtime_env, excludes, command lines, state. No Ray."""
 
+import itertools
 import json
 import os
 import stat
@@ -276,3 +277,33 @@ def test_cluster_env_exports_the_mlflow_login_without_printing_the_password(tmp_
     assert f"export MLFLOW_TRACKING_URI={st.mlflow_uri}" in out and "export MLFLOW_TRACKING_USERNAME=admin" in out
     assert password not in out
     assert f'export MLFLOW_TRACKING_PASSWORD="$(cat {st.state_dir}/mlflow/admin-password)"' in out
+
+
+def test_plan_ports_stay_distinct_when_the_picker_repeats_itself(tmp_path):
+    # Nothing binds a planned port until its node starts, so a picker may offer one twice.
+    offers = itertools.chain.from_iterable((p, p, p - 1) for p in itertools.count(41000))
+    st = local.plan(local.ClusterConfig(workers=2), tmp_path / "state", "10.0.0.5", port=lambda: next(offers))
+    ports = [int(a.split("=")[1]) for p in st.processes for a in p.cmd
+             if a.split("=")[0] in local.NODE_PORT_FLAGS]
+    ports += [st.gcs_port, st.dashboard_port, st.client_port, st.mlflow_port]
+    assert len(ports) == len(set(ports)) == 3 * len(local.NODE_PORT_FLAGS) + 4
+
+
+def test_free_ports_come_from_below_the_kernels_ephemeral_range():
+    # Ports the kernel hands out at random (bind to 0) are the ones other Ray processes take later.
+    lo, _ = local.ephemeral_ports()
+    picked = {local.free_port() for _ in range(20)}
+    if lo > 21000:
+        assert all(20000 <= p < lo for p in picked)
+    assert all(local.port_free(p) for p in picked)
+
+
+def test_a_restarted_node_gets_fresh_node_ports_and_keeps_everything_else(tmp_path):
+    st = _plan(tmp_path, workers=1)
+    w1 = st.processes[1]
+    fresh = iter(range(50000, 50100))
+    again = local.with_fresh_node_ports(w1.cmd, port=lambda: next(fresh))
+    changed = [(a, b) for a, b in zip(w1.cmd, again) if a != b]
+    assert len(again) == len(w1.cmd) and len(changed) == len(local.NODE_PORT_FLAGS)
+    assert all(a.split("=")[0] in local.NODE_PORT_FLAGS and b.split("=")[0] == a.split("=")[0] for a, b in changed)
+    assert f"--address={st.gcs_address}" in again

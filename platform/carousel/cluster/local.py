@@ -121,7 +121,30 @@ class ClusterState:
 # ---------------------------------------------------------------- pure planning (unit-tested)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def ephemeral_ports() -> tuple[int, int]:
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(host: str = "") -> int:
+    """A port free on every address, below the kernel's ephemeral range when there is room there.
+
+    A port the kernel hands out (bind to 0) is one it can hand out again: every Ray worker process
+    binds random ephemeral ports, and one of the head's can take a port planned for a node that is
+    not started yet; that raylet then cannot bind, never registers, and ``ray start`` gives up
+    after its fixed 30 s (seen in CI, on both attempts, as the holder kept the port).
+    """
+    lo, _ = ephemeral_ports()
+    floor = 20000 if lo > 20000 + 1000 else None
+    if floor is not None:
+        rng = secrets.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(floor, lo)
+            if port_free(port, host):
+                return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -171,6 +194,11 @@ def check_backend_driver(backend: str) -> None:
                            f"pip install {package}")
 
 
+# Per node: fixed defaults (agent port 52365, ...) would collide between nodes on one machine.
+NODE_PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                   "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
+
+
 def plan(cfg: ClusterConfig, state_dir: Path, ip: str, port=free_port) -> ClusterState:
     """Decide ports, paths and every command line; starts nothing."""
     state_dir = state_dir.resolve()
@@ -179,14 +207,22 @@ def plan(cfg: ClusterConfig, state_dir: Path, ip: str, port=free_port) -> Cluste
     backend, _ = split_db_password(cfg.mlflow_backend or f"sqlite:///{state_dir / 'mlflow' / 'mlflow.db'}")
     config = asdict(cfg)
     config["mlflow_backend"] = backend  # never the password
+    used: set[int] = set()
+
+    def new_port() -> int:  # distinct within the plan: nothing binds them until the nodes start
+        while (p := port()) in used:
+            pass
+        used.add(p)
+        return p
+
     st = ClusterState(
         cluster_id=secrets.token_hex(8),
         state_dir=str(state_dir),
         node_ip=ip,
-        gcs_port=port(),
-        dashboard_port=cfg.dashboard_port or port(),
-        client_port=port(),
-        mlflow_port=cfg.mlflow_port or port(),
+        gcs_port=new_port(),
+        dashboard_port=cfg.dashboard_port or new_port(),
+        client_port=new_port(),
+        mlflow_port=cfg.mlflow_port or new_port(),
         storage=str(Path(cfg.storage).resolve()) if cfg.storage else str(state_dir / "storage"),
         mlflow_backend=backend,
         mlflow_artifacts=str(state_dir / "mlflow" / "artifacts"),
@@ -201,13 +237,7 @@ def plan(cfg: ClusterConfig, state_dir: Path, ip: str, port=free_port) -> Cluste
     mem = str(cfg.object_store_mb * 1024 * 1024)
 
     def node_ports() -> list[str]:
-        # Fixed defaults (agent port 52365, ...) would collide between nodes on one machine.
-        return [
-            f"--node-manager-port={port()}", f"--object-manager-port={port()}",
-            f"--dashboard-agent-listen-port={port()}", f"--dashboard-agent-grpc-port={port()}",
-            f"--runtime-env-agent-port={port()}", f"--metrics-export-port={port()}",
-            "--min-worker-port=0", "--max-worker-port=0",
-        ]
+        return [*(f"{flag}={new_port()}" for flag in NODE_PORT_FLAGS), "--min-worker-port=0", "--max-worker-port=0"]
 
     head = [
         ray, "start", "--head", "--block", f"--node-ip-address={ip}", f"--port={st.gcs_port}",
@@ -350,7 +380,7 @@ def marked_processes(cluster_id: str) -> list:
     return found
 
 
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
+def port_free(port: int, host: str = "") -> bool:
     with socket.socket() as s:
         try:
             s.bind((host, port))
@@ -518,20 +548,44 @@ def up(cfg: ClusterConfig, state_dir: Path | None = None, timeout: float = 180, 
 RAY_START_TIMED_OUT = "timed out during startup"  # `ray start` gives a raylet a fixed 30 s to register
 
 
+def with_fresh_node_ports(cmd: list[str], port=free_port) -> list[str]:
+    """The same ``ray start`` command with new per-node ports (not the GCS/dashboard ports others use)."""
+    out = []
+    for arg in cmd:
+        flag = arg.split("=", 1)[0]
+        out.append(f"{flag}={port()}" if flag in NODE_PORT_FLAGS else arg)
+    return out
+
+
 def _start_node(st: ClusterState, p: Proc, env: dict[str, str], needed: list[Proc], timeout: float, log) -> None:
-    """``ray start`` one node; once more if Ray's fixed 30 s registration wait ran out (a loaded machine)."""
-    for attempt in (1, 2):
+    """``ray start`` one node; up to twice more, on fresh ports, if its raylet never registered."""
+    attempts = 3
+    for attempt in range(1, attempts + 1):
         _spawn(p, env)
         _save(st)  # from here on `down` can clean up even if we fail
         try:
             _wait_for(p.name, lambda: _log_has(p, "Ray runtime started"), [*needed, p], timeout)
             return
-        except ClusterError:
-            if attempt == 2 or _alive(p) or not _log_has(p, RAY_START_TIMED_OUT) or not all(map(_alive, needed)):
-                raise
-        log(f"{p.name}: Ray's start-up wait ran out (machine busy?); starting it again")
+        except ClusterError as e:
+            retry = attempt < attempts and not _alive(p) and _log_has(p, RAY_START_TIMED_OUT)
+            if not retry or not all(map(_alive, needed)):
+                raise ClusterError(f"{e}\n{_raylet_logs(p)}") from None
+        log(f"{p.name}: its raylet did not register in Ray's 30 s (busy machine or a taken port?); "
+            f"starting it again on fresh ports\n{_raylet_logs(p, 600)}")
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, signal.SIGKILL)  # whatever that attempt left in its group
+        p.cmd = with_fresh_node_ports(p.cmd)
+
+
+def _raylet_logs(p: Proc, n: int = 2000) -> str:
+    """The tails of the node's own raylet logs: ``ray start`` only says that the raylet never registered."""
+    temp = next((a.split("=", 1)[1] for a in p.cmd if a.startswith("--temp-dir=")), None)
+    if temp is None:
+        return ""
+    logs = Path(temp) / "session_latest" / "logs"
+    parts = [f"--- {f} ends:\n{_tail(str(f), n)}" for f in (logs / "raylet.out", logs / "raylet.err")
+             if f.exists() and f.stat().st_size]
+    return "\n".join(parts) or f"(no raylet logs in {logs})"
 
 
 def _stop(st: ClusterState, log=print, grace: float = 15) -> list[str]:
