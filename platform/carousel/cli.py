@@ -31,6 +31,8 @@ def _absolute(spec):
         spec.data.path = os.path.abspath(spec.data.path)
     if "://" not in spec.run.storage_path:
         spec.run.storage_path = os.path.abspath(spec.run.storage_path)
+    if spec.run.init_from and "://" not in spec.run.init_from:
+        spec.run.init_from = os.path.abspath(spec.run.init_from)
     return spec
 
 
@@ -38,11 +40,13 @@ def _load(job: Path, overrides: list[str] | None):
     from carousel.config import SpecError, load_spec
     from carousel.data.shards import DataError
     from carousel.train.launcher import preflight
+    from carousel.train.warm_start import WarmStartError, check_init_from
 
     try:
         spec = _absolute(load_spec(job, overrides or []))
         preflight(spec)
-    except (SpecError, DataError) as e:
+        check_init_from(spec)
+    except (SpecError, DataError, WarmStartError) as e:
         _fail(str(e))
     return spec
 

@@ -221,6 +221,11 @@ class RunConfig(Strict):
     max_failures: int = Field(1, ge=-1, description="worker-group restarts (-1: unlimited)")
     checkpoint_every: int = Field(100, ge=1)
     keep_best: int = Field(2, ge=1, description="checkpoints kept, ranked by the family's validation metric (val_ppl, val_cer)")
+    init_from: str | None = Field(
+        None, description="a Carousel checkpoint (dir or URI) to continue from when the run has none of its own: "
+        "weights, optimizer, schedule position, data position, step; this spec's optimizer settings apply "
+        "(PBT's exploit, or branching a run with a new learning rate)"
+    )
 
 
 class TrackingConfig(Strict):

@@ -20,12 +20,17 @@ WORKER_STEP = re.compile(r"RayTrainWorker pid=(\d+)\).*step\s+(\d+)/")
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, kjv_tiny, cluster_env):
-    """The uninterrupted reference run: {step: train loss}."""
+def straight_run(tmp_path_factory, kjv_tiny, cluster_env):
+    """The uninterrupted reference run: (its working directory, {step: train loss})."""
     workdir = tmp_path_factory.mktemp("straight")
     run([BIN / "carousel", "train", JOB, *COMMON, "--set", f"data.path={kjv_tiny}", "--set", "run.name=straight"],
         cwd=workdir, env=cluster_env)
-    return losses(tracking_client(workdir), "straight")[1]
+    return workdir, losses(tracking_client(workdir), "straight")[1]
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run):
+    return straight_run[1]
 
 
 def losses(client, run_name):
@@ -109,3 +114,41 @@ def test_a_killed_driver_is_resumed_by_running_the_same_job_again(workdir, kjv_t
     assert "resuming run orphan" in again.stdout
     assert "resuming at step 10" in again.stdout + again.stderr
     assert_matches_straight(workdir, "orphan", straight)
+
+
+def test_a_run_started_from_another_runs_checkpoint_continues_it_exactly(workdir, kjv_tiny, cluster_env, straight_run):
+    """run.init_from (PBT's exploit; branching a run): same settings -> the same losses as the
+    original from the next step on; a new learning rate -> that rate at the restored schedule
+    position; a changed shape -> refused before anything starts, naming the field."""
+    source_dir, straight = straight_run
+    kept = sorted((source_dir / "runs" / "straight").glob("checkpoint-000000[12]0"))
+    assert kept, "the reference run kept no checkpoint before its last step"
+    source = kept[0]
+    start = int(source.name.split("-")[1])
+    data = ["--set", f"data.path={kjv_tiny}", "--set", f"run.init_from={source}"]
+
+    same = run([BIN / "carousel", "train", JOB, *COMMON, *data, "--set", "run.name=branch"], cwd=workdir, env=cluster_env)
+    assert f"continuing {source} at step {start}" in same.stdout + same.stderr
+    r, branch, steps = losses(tracking_client(workdir), "branch")
+    assert steps == list(range(start + 1, STEPS + 1)) and r.info.status == "FINISHED"
+    diffs = [abs(straight[s] - branch[s]) for s in steps]
+    assert max(diffs) < 1e-5, diffs
+
+    run([BIN / "carousel", "train", JOB, *COMMON, *data, "--set", "run.name=branch-lr", "--set", "train.lr=0.006",
+         "--set", "train.max_steps=" + str(start + 2)], cwd=workdir, env=cluster_env)
+    c = tracking_client(workdir)
+    lr_of = lambda name: {m.step: m.value for m in c.get_metric_history(losses(c, name)[0].info.run_id, "lr")}  # noqa: E731
+    new = lr_of("branch-lr")
+    assert sorted(new) == [start + 1, start + 2]
+    # The schedule is a function of the step and max_steps; the rate scales with train.lr.
+    from carousel.config import load_spec
+    from carousel.train.schedule import lr_factor
+
+    spec = load_spec(JOB, [f"train.max_steps={start + 2}", "train.lr=0.006", f"data.path={kjv_tiny}"])
+    for step, value in new.items():
+        assert value == pytest.approx(0.006 * lr_factor(step, spec.train), rel=1e-6), (step, value)
+
+    bad = run([BIN / "carousel", "train", JOB, *COMMON, *data, "--set", "run.name=branch-bad", "--set", "model.layers=3"],
+              cwd=workdir, env=cluster_env, check=False)
+    assert bad.returncode != 0
+    assert "run.init_from" in bad.stderr and "model.layers" in bad.stderr, bad.stderr[-2000:]

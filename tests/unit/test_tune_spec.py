@@ -113,7 +113,15 @@ def test_scheduler_search_and_metric_rules(base_file):
     lr = {"train.lr": {"choice": [1e-3, 1e-2]}}
     assert problems(base_file, {"train.lr": {"grid": [1e-3]}}, search={"kind": "optuna"})[0].startswith(
         "search: optuna samples every dimension itself; space.train.lr is a grid")
-    assert problems(base_file, lr, scheduler={"kind": "pbt"})[0].startswith("scheduler.kind: pbt is not available")
+    assert problems(base_file, lr, scheduler={"kind": "pbt"}) == [
+        "scheduler.perturbation_interval: 40 steps leaves no perturbation before the end (trials train 40 steps)"]
+    assert problems(base_file, lr, scheduler={"kind": "pbt", "perturbation_interval": 30}) == [
+        "scheduler.perturbation_interval: 30 steps is not a multiple of run.checkpoint_every (20): "
+        "an exploit copies the state of the strong trial's latest checkpoint"]
+    p = problems(base_file, {"model.layers": {"choice": [1, 2]}}, num_samples=1,
+                 scheduler={"kind": "pbt", "perturbation_interval": 20})
+    assert p[0].startswith("space: pbt perturbs running trials, and none of model.layers can change in one")
+    assert p[1] == "num_samples: pbt needs a population (at least 2 trials: num_samples x grid points)"
     assert problems(base_file, lr, scheduler={"grace_period": 5})[0].startswith(
         "scheduler.grace_period: 5 steps is less than one validation")
     assert problems(base_file, lr, scheduler={"grace_period": 40})[0].startswith(
@@ -277,3 +285,29 @@ def test_optuna_tpe_samples_the_space_within_bounds_and_repeats_with_its_seed(ba
     for cfg in first[:2]:
         assert 1e-4 <= cfg["train.lr"] <= 1e-2 and cfg["model.cell"] in ("lstm", "gru") and 0 <= cfg["train.warmup_steps"] < 5
     assert suggestions() == first
+
+
+def test_pbt_perturbs_only_what_a_running_trial_can_take_and_stays_in_range(base_file):
+    from carousel.tune.pbt import Clamp, mutations, train_run_for
+
+    space = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.dropout": {"choice": [0.0, 0.2, 0.4]},
+             "model.layers": {"choice": [1, 2]}, "train.weight_decay": {"uniform": [0.0, 0.1]}}
+    s = search(base_file, space, scheduler={"kind": "pbt", "perturbation_interval": 20})
+    m = mutations(s.spec.space)
+    assert set(m) == {"train.lr", "model.dropout", "train.weight_decay"}  # layers: copied on exploit, never changed
+    assert m["model.dropout"] == [0.0, 0.2, 0.4]  # a list: PBT moves to a neighbour, never multiplies a choice
+    clamp = Clamp(s.spec.space)
+    assert clamp({"train.lr": 0.012, "train.weight_decay": -0.01, "model.hidden": 64}) == {
+        "train.lr": 0.01, "train.weight_decay": 0.0, "model.hidden": 64}
+    # A trial's first start, its own checkpoint (a resumed search), another trial's (an exploit).
+    assert train_run_for("t_1", None, None) == ("t_1", False)
+    assert train_run_for("t_1", "t_1-gabc", "/s/t_1/checkpoint_3") == ("t_1-gabc", False)
+    run, new = train_run_for("t_1", "t_2", "/s/t_2/checkpoint_3")
+    assert new and run.startswith("t_1-g") and run == train_run_for("t_1", "t_2", "/s/t_2/checkpoint_3")[0]
+    assert run != train_run_for("t_1", "t_2", "/s/t_2/checkpoint_4")[0]
+    assert train_run_for("t_1", "t_11", "/s/t_11/checkpoint_3")[1]  # t_11 is another trial
+
+
+def test_shipped_pbt_spec_loads():
+    pbt = load_search(ROOT / "jobs" / "tune-pbt-lm-kjv.yaml")
+    assert pbt.spec.scheduler.kind == "pbt" and pbt.base.run.checkpoint_every == 50

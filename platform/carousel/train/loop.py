@@ -100,6 +100,35 @@ def _intact_checkpoint(rank: int, world: int, say):
     return (latest if path == latest.path else ray.train.Checkpoint(path, filesystem=latest.filesystem)), taken
 
 
+def _warm_start_checkpoint(spec, rank: int, world: int):
+    """``run.init_from``, checked by rank 0 (spec compatibility, every file's size and sha256)
+    before any rank loads it; every rank raises the same error if it cannot be continued."""
+    import ray.train
+    import torch.distributed as dist
+
+    from carousel.train import checkpoint as ckpt
+    from carousel.train.warm_start import WarmStartError, compatibility_problems
+
+    where = spec.run.init_from
+    cp = ray.train.Checkpoint(where)
+    problem = [""]
+    if rank == 0:
+        try:
+            with cp.as_directory() as d:
+                meta = ckpt.read_meta(d)
+                problems = compatibility_problems(meta["spec"], meta["world_size"], spec, world)
+                if problems:
+                    raise WarmStartError("; ".join(problems))
+                ckpt.verify(d, world)
+        except (ckpt.CheckpointError, WarmStartError, OSError, KeyError, ValueError) as e:
+            problem[0] = f"run.init_from {where}: {e}"
+    if world > 1:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise WarmStartError(problem[0])
+    return cp
+
+
 def checkpoint_dir_name(step: int, taken: set[str]) -> str:
     """``checkpoint-<step>``, or ``checkpoint-<step>-2``... when a refused checkpoint of the same
     step still holds that name: Ray Train would merge into it and later delete both as one."""
@@ -145,6 +174,9 @@ def train_worker(config: dict[str, Any]) -> None:
     step, best, unsent_metrics = 0, {}, []
     guard = NonFiniteGuard(t.max_nonfinite_steps)
     restored, taken_names = _intact_checkpoint(rank, world, say)
+    warm = restored is None and spec.run.init_from is not None
+    if warm:
+        restored = _warm_start_checkpoint(spec, rank, world)
     if restored is not None:
         with restored.as_directory() as d:
             d = Path(d)
@@ -158,7 +190,12 @@ def train_worker(config: dict[str, Any]) -> None:
         if "nonfinite" in state:
             guard.load_state_dict(state["nonfinite"])
         step, best = meta["step"], meta.get("best", {})
-        unsent_metrics = state.get("unsent_metrics", [])
+        # Another run's unsent points belong to that run's MLflow run, not to this one.
+        unsent_metrics = [] if warm else state.get("unsent_metrics", [])
+        if warm:
+            from carousel.train.warm_start import apply_hyperparameters
+
+            apply_hyperparameters(engine, t)
 
     logger = None
     if rank == 0:
@@ -181,7 +218,10 @@ def train_worker(config: dict[str, Any]) -> None:
         params = sum(p.numel() for p in model.parameters())
         for line in unit.summary_lines(params, world):
             say(line)
-        say(f"resuming at step {step}" if step else "starting at step 0")
+        if warm:
+            say(f"continuing {spec.run.init_from} at step {step} (lr {engine.get_lr()[0]:.3g})")
+        else:
+            say(f"resuming at step {step}" if step else "starting at step 0")
 
     def evaluate(split: str, limit: int | None) -> dict[str, float]:
         return unit.evaluate(engine.module, split, rank, world, limit)

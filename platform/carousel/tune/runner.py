@@ -55,6 +55,10 @@ def _seed(search: Search) -> int:
 
 def build_scheduler(search: Search, record):
     sch = search.spec.scheduler
+    if sch.kind == "pbt":
+        from carousel.tune import pbt
+
+        return pbt.build(search)
     if sch.kind != "asha":
         return None  # FIFO: every trial runs to its end
     from carousel.tune.scheduler import ChildHistory, ResumableASHA
@@ -91,6 +95,7 @@ def trial_context(record, search: Search) -> dict[str, Any]:
         "tracking_uri": record.tracking_uri,
         "experiment_id": record.experiment_id,
         "parent_run_id": record.parent_run_id,
+        "pbt": search.spec.scheduler.kind == "pbt",
     }
 
 
@@ -261,6 +266,9 @@ def _make_tuner(search: Search, record, concurrency: int, resume: bool):
             name=record.name, storage_path=storage,
             callbacks=[TrialRuns(record.tracking_uri, record.experiment_id, record.parent_run_id, search.max_steps)],
             failure_config=tune.FailureConfig(max_failures=0),  # Ray Train retries inside a trial
+            # PBT's trials report their Train checkpoints to Tune (trial.py); a strong trial's may be
+            # cloned up to a perturbation interval after it was reported, so keep a few.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if search.spec.scheduler.kind == "pbt" else None),
             verbose=1,
         ),
     )
@@ -307,8 +315,7 @@ def run_search(search: Search, address: str | None = None, tracking_uri: str | N
             results = tuner.fit()
         finally:
             signal.signal(signal.SIGUSR1, old_usr1)  # Tune's handler stays behind; the search is past it
-        children = {r.data.tags.get(tracking.TRIAL_TAG): r
-                    for r in tracking.child_runs(uri, record.experiment_id, record.parent_run_id)}
+        children = tracking.current_children(tracking.child_runs(uri, record.experiment_id, record.parent_run_id))
         rows = _rows(results, children, search)
         unfinished = [r for r in rows if r.status == "UNFINISHED"]
         outcome.rows = rows
@@ -361,13 +368,19 @@ def _publish(search: Search, record, best: TrialRow) -> dict[str, Any]:
     """Log the best trial's best checkpoint as a model in its child run; register it, move the alias."""
     from carousel.train.launcher import publish_model
 
-    run_dir = f"{train_storage(record.storage_path, record.name)}/{best.trial_id}"
-    found = best_checkpoint(run_dir, search.metric, search.spec.mode)
-    if found is None:
-        raise SearchError(f"trial {best.trial_id}: no complete checkpoint under {run_dir} to publish")
-    path, meta = found
+    from carousel.tune.pbt import owns
+
+    root = Path(train_storage(record.storage_path, record.name))
+    # The trial's Train runs: one, or one per PBT generation.
+    run_dirs = [d for d in sorted(root.glob(f"{best.trial_id}*")) if owns(best.trial_id, d.name)]
+    found = [f for d in run_dirs if (f := best_checkpoint(str(d), search.metric, search.spec.mode))]
+    if not found:
+        raise SearchError(f"trial {best.trial_id}: no complete checkpoint under {root}/{best.trial_id}* to publish")
+    sign = 1 if search.spec.mode == "min" else -1
+    path, meta = min(found, key=lambda f: (sign * f[1]["metrics"][search.metric], f[1]["step"]))
     spec = spec_from_dict(meta["spec"], f"{path}/meta.json")
-    out = publish_model(spec, record.tracking_uri, best.run_id, path, meta.get("metrics", {}))
+    # The child run of the generation that wrote the checkpoint.
+    out = publish_model(spec, record.tracking_uri, meta.get("mlflow_run_id") or best.run_id, path, meta.get("metrics", {}))
     out["checkpoint"] = path
     return out
 

@@ -29,13 +29,25 @@ MAX_PREFLIGHTS = 64
 
 class SchedulerConfig(Strict):
     kind: Literal["asha", "fifo", "pbt"] = Field(
-        "asha", description="asha: stop weak trials early; fifo: run every trial to the end"
+        "asha", description="asha: stop weak trials early; fifo: run every trial to the end; "
+        "pbt: weak trials continue strong trials' state with perturbed settings"
     )
     grace_period: int | None = Field(
         None, ge=1, description="asha: training steps every trial gets before it can be stopped (default: 2 validations)"
     )
     reduction_factor: float = Field(2.0, gt=1, description="asha: 1/reduction_factor of the trials go on at each rung")
     brackets: int = Field(1, ge=1, description="asha: number of brackets (1 = plain successive halving)")
+    perturbation_interval: int | None = Field(
+        None, ge=1, description="pbt: training steps between exploit/explore decisions, a multiple of "
+        "run.checkpoint_every (default: 2 checkpoints)"
+    )
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="pbt: the bottom share copies the top share")
+    resample_probability: float = Field(0.25, ge=0, le=1, description="pbt: chance a value is resampled, not scaled")
+    perturbation_factors: tuple[float, float] = Field((1.2, 0.8), description="pbt: a kept value is scaled by one of these")
+    mutate: list[str] | None = Field(
+        None, description="pbt: the space's fields it perturbs (default: every one a running trial can take); "
+        "the others are copied from the strong trial with its state"
+    )
 
 
 class SearchConfig(Strict):
@@ -98,12 +110,16 @@ class Search:
         return [s for _, s in self.candidates] or [self.base]
 
 
-def trial_spec(base: dict[str, Any], values: dict[str, Any], trial_id: str, storage_path: str) -> JobSpec:
-    """The job spec one trial trains: the base with the trial's sampled values, run named by the trial."""
+def trial_spec(base: dict[str, Any], values: dict[str, Any], run_name: str, storage_path: str,
+               init_from: str | None = None) -> JobSpec:
+    """The job spec one trial trains: the base with the trial's sampled values, its Train run's
+    name (the trial id; for a PBT generation <id>-g<hash>), and for such a generation where it starts."""
     raw = with_values(base, values)
     raw.setdefault("run", {})
-    raw["run"] = {**raw["run"], "name": trial_id, "storage_path": storage_path}
-    return spec_from_dict(raw, f"trial {trial_id}")
+    raw["run"] = {**raw["run"], "name": run_name, "storage_path": storage_path}
+    if init_from is not None:
+        raw["run"]["init_from"] = init_from
+    return spec_from_dict(raw, f"trial {run_name}")
 
 
 def apply_tune_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -197,11 +213,7 @@ def check_search(search: Search) -> None:
         problems.append(f"mode: {search.metric} is lower-is-better; use min")
     sch = spec.scheduler
     if sch.kind == "pbt":
-        problems.append(
-            "scheduler.kind: pbt is not available yet: a PBT exploit must restart a trial exactly from "
-            "another trial's Train checkpoint with new optimizer settings, and the training loop cannot "
-            "do either yet (use asha or fifo; see docs/tune.md)"
-        )
+        problems.extend(_pbt_problems(search))
     if sch.kind == "asha":
         shortest = min(s.train.max_steps for s in search.specs())
         every = max(s.train.eval_every for s in search.specs())
@@ -213,6 +225,38 @@ def check_search(search: Search) -> None:
                             f"(trials train {shortest} steps); lower it or raise train.max_steps")
     if problems:
         raise SpecError(problems, search.source)
+
+
+def _pbt_problems(search: Search) -> list[str]:
+    from carousel.train.warm_start import PERTURBABLE
+    from carousel.tune.pbt import perturbation_interval
+
+    spec, problems = search.spec, []
+    for path in spec.scheduler.mutate or []:
+        if path not in spec.space:
+            problems.append(f"scheduler.mutate: {path} is not a dimension of the space")
+        elif path not in PERTURBABLE:
+            problems.append(f"scheduler.mutate: {path} cannot change in a running trial (one of {', '.join(PERTURBABLE)})")
+    if spec.scheduler.mutate == [] or not any(p in PERTURBABLE for p in spec.scheduler.mutate or spec.space):
+        problems.append(f"space: pbt perturbs running trials, and none of {', '.join(spec.space)} can change in one "
+                        f"(the space needs one of {', '.join(PERTURBABLE)})")
+    if spec.search.kind != "random":
+        problems.append("search.kind: pbt explores by itself; use random")
+    population = spec.num_samples
+    for dim in spec.space.values():
+        population *= len(dim.values) if isinstance(dim, Grid) else 1
+    if population < 2:
+        problems.append("num_samples: pbt needs a population (at least 2 trials: num_samples x grid points)")
+    interval = perturbation_interval(search)
+    every = max(s.run.checkpoint_every for s in search.specs())
+    shortest = min(s.train.max_steps for s in search.specs())
+    if any(interval % s.run.checkpoint_every for s in search.specs()):
+        problems.append(f"scheduler.perturbation_interval: {interval} steps is not a multiple of run.checkpoint_every "
+                        f"({every}): an exploit copies the state of the strong trial's latest checkpoint")
+    if interval >= shortest:
+        problems.append(f"scheduler.perturbation_interval: {interval} steps leaves no perturbation before the end "
+                        f"(trials train {shortest} steps)")
+    return problems
 
 
 def build_search(raw: dict[str, Any], source: str | None = None, base_dir: str | Path | None = None,

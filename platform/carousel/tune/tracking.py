@@ -29,6 +29,8 @@ from carousel.tracking.store import client, ensure_experiment
 
 RECORD = "carousel-search.json"
 TRIAL_TAG = "carousel.trial_id"
+RUN_TAG = "carousel.run"  # the trial's Train run: its id, or <id>-g<hash> for a PBT generation
+GENERATION_TAG = "carousel.generation"
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -77,6 +79,13 @@ def parent_params(search) -> dict[str, str]:
         "num_samples": s.num_samples,
         "base": search.base.name,
     }
+    if s.scheduler.kind == "pbt":
+        from carousel.tune.pbt import perturbation_interval
+
+        params.update({"scheduler.perturbation_interval": perturbation_interval(search),
+                       "scheduler.quantile_fraction": s.scheduler.quantile_fraction,
+                       "scheduler.resample_probability": s.scheduler.resample_probability,
+                       "scheduler.perturbation_factors": list(s.scheduler.perturbation_factors)})
     if s.scheduler.kind == "asha":
         params.update({"scheduler.grace_period": search.grace_period, "scheduler.max_t": search.max_steps,
                        "scheduler.reduction_factor": s.scheduler.reduction_factor,
@@ -153,40 +162,72 @@ def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> lis
             return out
 
 
+def generation(run) -> int:
+    return int(run.data.tags.get(GENERATION_TAG, "1"))
+
+
+def current(runs: list):
+    """A trial's current child run: its latest generation (PBT), and of two for one generation
+    the oldest, so every writer settles on the same one."""
+    return min(runs, key=lambda r: (-generation(r), r.info.start_time)) if runs else None
+
+
 def find_child(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str):
-    runs = client(tracking_uri).search_runs([experiment_id], _child_filter(parent_run_id, trial_id))
-    # Oldest first: should two ever exist, every writer settles on the same one.
-    return min(runs, key=lambda r: r.info.start_time) if runs else None
+    return current(client(tracking_uri).search_runs([experiment_id], _child_filter(parent_run_id, trial_id)))
 
 
-def open_child(context: dict[str, Any], trial_id: str, spec: JobSpec, values: dict[str, Any]) -> str:
-    """The trial's child run: reopened if it exists (a resumed trial), else created with its params."""
+def current_children(runs: list) -> dict[str, Any]:
+    """trial id -> its current child run."""
+    by_trial: dict[str, list] = {}
+    for r in runs:
+        by_trial.setdefault(r.data.tags.get(TRIAL_TAG), []).append(r)
+    return {t: current(rs) for t, rs in by_trial.items()}
+
+
+def open_child(context: dict[str, Any], trial_id: str, spec: JobSpec, values: dict[str, Any],
+               lineage: dict[str, str] | None = None) -> str:
+    """The child run of the trial's Train run ``spec.run.name``: reopened if it exists (a resumed
+    trial), else created with its params. ``lineage``: for a PBT generation, the trial and step
+    it continues; the trial's earlier generations are then closed as REPLACED."""
     from mlflow.entities import Param, RunTag
 
     uri = context["tracking_uri"]
     c = client(uri)
-    existing = find_child(uri, context["experiment_id"], context["parent_run_id"], trial_id)
-    if existing is not None:
-        rid = existing.info.run_id
+    train_run = spec.run.name or trial_id
+    runs = c.search_runs([context["experiment_id"]], _child_filter(context["parent_run_id"], trial_id))
+    mine = [r for r in runs if r.data.tags.get(RUN_TAG, trial_id) == train_run]
+    if mine:
+        rid = current(mine).info.run_id
         c.update_run(rid, status="RUNNING")
         c.set_tag(rid, "carousel.status", "RUNNING")
         return rid
+    gen = 1 + max((generation(r) for r in runs), default=0)
     tags = {
         PARENT_TAG: context["parent_run_id"],
         TRIAL_TAG: trial_id,
+        RUN_TAG: train_run,
+        GENERATION_TAG: str(gen),
         "carousel.kind": "trial",
         "carousel.search": context["search"],
         "carousel.job": spec.name,
-        "carousel.run": trial_id,
         "carousel.family": spec.model.family,
         "carousel.status": "RUNNING",
         "host": socket.gethostname(),
         "mlflow.user": getpass.getuser(),
+        **{f"carousel.pbt.{k}": str(v) for k, v in (lineage or {}).items()},
     }
-    run = c.create_run(context["experiment_id"], run_name=f"{context['search']}-{trial_id}", tags=tags)
+    name = f"{context['search']}-{trial_id}" + (f"-g{gen}" if gen > 1 else "")
+    run = c.create_run(context["experiment_id"], run_name=name, tags=tags)
     rid = run.info.run_id
     params = [Param(k, _param_value(v)) for k, v in flatten(spec.model_dump(mode="json")).items()]
     c.log_batch(rid, params=params, tags=[RunTag("carousel.sampled", json.dumps(values, sort_keys=True))])
+    for r in runs:
+        if r.info.status == "RUNNING":
+            c.set_tag(r.info.run_id, "carousel.status", "REPLACED")
+            c.set_tag(r.info.run_id, "carousel.status_reason",
+                      f"PBT: trial {trial_id} continues as generation {gen} ({name}), from trial "
+                      f"{(lineage or {}).get('source_trial')} at step {(lineage or {}).get('source_step')}")
+            c.set_terminated(r.info.run_id, status="FINISHED")
     return rid
 
 
