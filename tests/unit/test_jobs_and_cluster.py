@@ -307,3 +307,33 @@ def test_a_restarted_node_gets_fresh_node_ports_and_keeps_everything_else(tmp_pa
     assert len(again) == len(w1.cmd) and len(changed) == len(local.NODE_PORT_FLAGS)
     assert all(a.split("=")[0] in local.NODE_PORT_FLAGS and b.split("=")[0] == a.split("=")[0] for a, b in changed)
     assert f"--address={st.gcs_address}" in again
+
+
+def test_node_lookup_keeps_asking_until_the_raylet_registers_or_the_wait_runs_out():
+    from carousel.cluster.ray_node import patient
+
+    now = [0.0]
+    sleep = lambda s: now.__setitem__(0, now[0] + s)  # noqa: E731
+    answers = iter([RuntimeError("not yet")] * 5 + ["node-info"])
+
+    def get_node(address, node_id):
+        a = next(answers)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    assert patient(get_node, 60, sleep, lambda: now[0])("gcs:1", "n") == "node-info" and now[0] == 2.5
+
+    def never(address, node_id):
+        raise RuntimeError("GCS cannot find the node")
+
+    now[0] = 0.0
+    with pytest.raises(RuntimeError, match="cannot find the node"):
+        patient(never, 10, sleep, lambda: now[0])("gcs:1", "n")
+    assert now[0] == 10.0
+
+
+def test_nodes_start_through_rays_own_cli():
+    st = _plan(Path("/tmp/x"), workers=1)
+    for p in st.processes[:2]:
+        assert p.cmd[:4] == [sys.executable, "-m", "carousel.cluster.ray_node", "start"]

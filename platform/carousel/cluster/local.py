@@ -232,7 +232,7 @@ def plan(cfg: ClusterConfig, state_dir: Path, ip: str, port=free_port) -> Cluste
     # Each node its own Ray temp dir: nodes sharing one would share (and delete each other's)
     # runtime_env working_dir copies, socket names and log files. Short, for unix socket paths.
     st.temp_root = f"/tmp/carousel-{st.cluster_id}"
-    ray = str(Path(sys.executable).parent / "ray")
+    ray = [sys.executable, "-m", "carousel.cluster.ray_node"]  # `ray start`, patient with a busy machine
     logs = state_dir / "logs"
     mem = str(cfg.object_store_mb * 1024 * 1024)
 
@@ -240,7 +240,7 @@ def plan(cfg: ClusterConfig, state_dir: Path, ip: str, port=free_port) -> Cluste
         return [*(f"{flag}={new_port()}" for flag in NODE_PORT_FLAGS), "--min-worker-port=0", "--max-worker-port=0"]
 
     head = [
-        ray, "start", "--head", "--block", f"--node-ip-address={ip}", f"--port={st.gcs_port}",
+        *ray, "start", "--head", "--block", f"--node-ip-address={ip}", f"--port={st.gcs_port}",
         f"--num-cpus={cfg.head_cpus}", "--num-gpus=0", f"--object-store-memory={mem}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={st.dashboard_port}",
         f"--ray-client-server-port={st.client_port}", "--disable-usage-stats", f"--temp-dir={st.temp_root}/head",
@@ -249,7 +249,7 @@ def plan(cfg: ClusterConfig, state_dir: Path, ip: str, port=free_port) -> Cluste
     st.processes.append(Proc("ray-head", head, str(logs / "ray-head.log")))
     for i in range(1, cfg.workers + 1):
         cmd = [
-            ray, "start", "--block", f"--address={st.gcs_address}", f"--node-ip-address={ip}",
+            *ray, "start", "--block", f"--address={st.gcs_address}", f"--node-ip-address={ip}",
             f"--num-cpus={cfg.worker_cpus}", f"--num-gpus={cfg.worker_gpus}", f"--object-store-memory={mem}",
             f"--resources={json.dumps({WORKER_RESOURCE: 1})}", "--disable-usage-stats", f"--temp-dir={st.temp_root}/w{i}",
             *node_ports(),
@@ -545,7 +545,7 @@ def up(cfg: ClusterConfig, state_dir: Path | None = None, timeout: float = 180, 
         return st
 
 
-RAY_START_TIMED_OUT = "timed out during startup"  # `ray start` gives a raylet a fixed 30 s to register
+RAY_START_TIMED_OUT = "timed out during startup"  # the raylet never registered (see ray_node.py)
 
 
 def with_fresh_node_ports(cmd: list[str], port=free_port) -> list[str]:
@@ -570,10 +570,11 @@ def _start_node(st: ClusterState, p: Proc, env: dict[str, str], needed: list[Pro
             retry = attempt < attempts and not _alive(p) and _log_has(p, RAY_START_TIMED_OUT)
             if not retry or not all(map(_alive, needed)):
                 raise ClusterError(f"{e}\n{_raylet_logs(p)}") from None
-        log(f"{p.name}: its raylet did not register in Ray's 30 s (busy machine or a taken port?); "
+        log(f"{p.name}: its raylet did not register in time (busy machine or a taken port?); "
             f"starting it again on fresh ports\n{_raylet_logs(p, 600)}")
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, signal.SIGKILL)  # whatever that attempt left in its group
+        time.sleep(10 * attempt)  # let whatever kept the machine busy finish
         p.cmd = with_fresh_node_ports(p.cmd)
 
 
