@@ -174,7 +174,7 @@ def plain_process(data: str, steps: int, warmup: int, threads: int, env: dict[st
 
 def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str | None = None,
                    extra: list[str] | None = None, watch: Callable[[str, subprocess.Popen], None] | None = None,
-                   spec: Path = SPEC, workers_root: int | None = None) -> dict:
+                   spec: Path = SPEC, workers_root: int | None = None, env: dict[str, str] | None = None) -> dict:
     """Run `carousel train` and read its per-step throughput back from MLflow.
 
     ``watch(line, proc)`` sees every output line as it arrives (the memory row reads the
@@ -183,7 +183,8 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
     the measured steps per CPU-second the train workers spent on them (read from /proc when rank 0
     prints the first and the last of those steps; ``workers_root`` is the process the workers
     descend from: a running cluster's head, else this command). CPU time hardly moves with the
-    machine's load, so it backs the wall-clock figure on a shared machine.
+    machine's load, so it backs the wall-clock figure on a shared machine. ``env``: variables added
+    to the command's environment (OMP_WAIT_POLICY reaches the workers through ray_session.worker_env).
     """
     from mlflow.tracking import MlflowClient
 
@@ -191,7 +192,7 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
     args = [str(BIN / "carousel"), "train", str(spec), "--set", f"data.path={data}",
             "--set", f"train.max_steps={warmup + steps + 1}", "--set", f"run.name={name}",
             "--set", f"run.storage_path={work / 'runs'}", *(extra or [])]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     if address:
         args += ["--address", address]

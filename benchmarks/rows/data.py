@@ -65,6 +65,16 @@ class RawWindows:
         return block[:, :-1], block[:, 1:]
 
 
+def row_by_row(loader, k: int):
+    """The window as StreamLoader cut it before TokenRange.rows: one ``slice`` per stream, stacked
+    (kept here as the "before" side of that change)."""
+    import torch
+
+    T = loader.bptt
+    block = torch.from_numpy(np.stack([loader.tokens.slice(s + k * T, s + k * T + T + 1) for s in loader._starts]))
+    return block[:, :-1], block[:, 1:]
+
+
 def rate_of(fn, count: int, tokens_each: int) -> float:
     t0 = time.perf_counter()
     for k in range(count):
@@ -89,18 +99,22 @@ def text(ctx) -> dict:
         "loader": lambda: rate_of(lambda k: loader.next(), n, tok),
         "raw": lambda: rate_of(raw.window, n, tok),
         "bulk": lambda: raw_bulk(ds, "train"),
+        "row_by_row": lambda: rate_of(lambda k: row_by_row(loader, k), n, tok),
     }, ctx.rounds + 1)
     steps = [lm.step() for _ in range(ctx.warmup + ctx.steps)][ctx.warmup:]
     step_s = statistics.median(r["step_s"] for r in steps)
     wait = sum(r["wait_s"] for r in steps) / sum(r["step_s"] for r in steps)
     train_rate = tok / step_s
-    ld, rw, bk = spread(s["loader"]), spread(s["raw"]), spread(s["bulk"])
+    ld, rw, bk, rb = spread(s["loader"]), spread(s["raw"]), spread(s["bulk"]), spread(s["row_by_row"])
     return {
         "loader_tokens_per_s": ld, "raw_windows_tokens_per_s": rw, "raw_bulk_tokens_per_s": bk,
+        "row_by_row_tokens_per_s": rb,
         "loader_open_s": open_s, "training_tokens_per_s": train_rate, "wait_fraction": wait,
         "ratios": [
             ratio("data loader/raw", ld["median"] / rw["median"], Goal(">=", 0.5),
                   f"{ld['median'] / 1e6:.1f}M / {rw['median'] / 1e6:.1f}M tok/s (StreamLoader / raw windows)"),
+            ratio("data loader/before", ld["median"] / rb["median"], None,
+                  f"{ld['median'] / 1e6:.1f}M / {rb['median'] / 1e6:.1f}M tok/s (TokenRange.rows / one slice per row)"),
             ratio("data loader/bulk", ld["median"] / bk["median"], None,
                   f"{ld['median'] / 1e6:.1f}M / {bk['median'] / 1e6:.0f}M tok/s (StreamLoader / bulk read)"),
             ratio("data loader/train", ld["median"] / train_rate, Goal(">=", 50),

@@ -19,7 +19,7 @@ HALT = 3
 
 
 def model_overrides(hidden: int) -> list[str]:
-    return [f"model.hidden={hidden}", f"model.embed={hidden}", "train.batch_size=2", "train.bptt=16",
+    return [f"model.hidden={hidden}", f"model.embed={hidden}", "train.batch_size=2", "train.bptt=8",
             "train.eval_batches=1"]
 
 

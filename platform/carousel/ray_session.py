@@ -77,9 +77,13 @@ def worker_env() -> dict[str, str]:
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
         "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
         # Idle OpenMP threads sleep instead of spinning. libgomp reads this when torch loads, so it
-        # must be in the worker's environment from the start. On a node where anything else runs
-        # (Ray's daemons, other workers), spinning threads starve the partner they wait for:
-        # measured 4-5x faster LSTM steps under load (docs/performance.md, threads row).
+        # must be in the worker's environment from the start. Measured (docs/performance.md,
+        # threads row): with 2 threads, spinning is ~30 % faster while the worker has its cores to
+        # itself, but when anything else wants them (Ray's daemons, the driver, other workers or
+        # jobs) a spinning thread starves the partner it waits for and steps run 2-5x slower, at
+        # any load average. A bounded loss beats an unbounded one, so PASSIVE is the default;
+        # one thread per worker (what the scaling row favours) has no barriers and no choice to
+        # make. A node that runs nothing else can set OMP_WAIT_POLICY=ACTIVE before `carousel train`.
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
     }
     # Workers read shards and write checkpoints with the driver's object-store credentials when it

@@ -22,6 +22,9 @@ def deepspeed():
     import deepspeed as ds
     import torch.distributed as dist
 
+    from carousel.train.loop import skip_inference_comm_op
+
+    skip_inference_comm_op()  # as the loop does
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=0, world_size=1)
     yield ds
@@ -137,6 +140,8 @@ import os, resource, signal, sys
 from pathlib import Path
 os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 import torch, torch.distributed as dist, deepspeed
+from carousel.train.loop import skip_inference_comm_op
+skip_inference_comm_op()
 from carousel.config import ModelConfig, TrainConfig
 from carousel.models.lm import LanguageModel
 from carousel.train import checkpoint as ckpt

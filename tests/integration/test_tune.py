@@ -1,7 +1,7 @@
 """`carousel tune` on a real Ray cluster: Ray Tune trials of Ray Train + DeepSpeed runs, real MLflow.
 
-1. ASHA over 3 tiny LM trials (1 worker x 1 CPU each, 2 at a time): the learning rate too
-   small to learn anything is stopped at the first rung; a parent run and 3 nested child runs
+1. ASHA over 4 tiny LM trials (1 worker x 1 CPU each, 2 at a time): the two learning rates too
+   small to learn anything are stopped at the first rung; a parent run and 4 nested child runs
    with the right params; the best trial's model registered with the alias; a summary table.
 2. A search whose driver is SIGKILLed after its first trial finished, then `--resume`d: it
    finishes with every trial and every child run exactly once, and no metric step twice.
@@ -19,7 +19,7 @@ import yaml
 from conftest import BIN, ROOT, run, tracking_client
 
 pytestmark = pytest.mark.integration
-GOOD, WEAK = [1.0e-2, 5.0e-3], [1.0e-6]
+GOOD, WEAK = [1.0e-2, 5.0e-3], [1.0e-5, 1.0e-6]
 
 
 def write_spec(workdir: Path, kjv_tiny, name: str, space: dict, scheduler: dict, steps: int) -> Path:
@@ -62,7 +62,7 @@ def asha(tmp_path_factory, kjv_tiny, cluster_env):
 
 def test_asha_stops_the_weak_trials_and_prints_a_summary(asha):
     work, out, seconds = asha
-    print(f"ASHA search of 3 trials: {seconds:.0f}s")
+    print(f"ASHA search of 4 trials: {seconds:.0f}s")
     assert "search asha: FINISHED" in out
     table = out[out.index("trial "):]
     assert table.splitlines()[0].split()[:3] == ["trial", "status", "train.lr"]
@@ -75,12 +75,12 @@ def test_parent_and_nested_child_runs_hold_the_right_params_and_statuses(asha):
     c = tracking_client(work)
     parent, children = search_runs(c, "asha")
     assert parent.info.status == "FINISHED" and parent.data.tags["carousel.status"] == "FINISHED"
-    assert parent.data.params["space.train.lr"] == "grid([0.01, 0.005, 1e-06])"
+    assert parent.data.params["space.train.lr"] == "grid([0.01, 0.005, 1e-05, 1e-06])"
     assert parent.data.params["scheduler.kind"] == "asha" and parent.data.params["scheduler.grace_period"] == "10"
     assert {a.path for a in c.list_artifacts(parent.info.run_id)} >= {"tune-spec.yaml", "base-spec.yaml", "trials.json"}
 
-    assert len(children) == 3
-    assert len({r.data.tags["carousel.trial_id"] for r in children}) == 3
+    assert len(children) == 4
+    assert len({r.data.tags["carousel.trial_id"] for r in children}) == 4
     by_lr = {float(r.data.params["train.lr"]): r for r in children}
     assert sorted(by_lr) == sorted(GOOD + WEAK)
     for r in children:
@@ -88,7 +88,7 @@ def test_parent_and_nested_child_runs_hold_the_right_params_and_statuses(asha):
         assert r.info.run_name == f"asha-{r.data.tags['carousel.trial_id']}"
         train = steps(c, r.info.run_id, "train_loss")
         assert train == sorted(set(train))  # no step twice
-    for lr in WEAK:  # the rung at step 10 already held both good trials: the weak one stops there
+    for lr in WEAK:  # the rung at step 10 already held both good trials: the weak ones stop there
         tags = by_lr[lr].data.tags
         assert tags["carousel.stopped_early"] == "true" and tags["carousel.status"] == "STOPPED_EARLY"
         assert tags["carousel.stopped_at_step"] == "10"

@@ -337,3 +337,13 @@ def test_nodes_start_through_rays_own_cli():
     st = _plan(Path("/tmp/x"), workers=1)
     for p in st.processes[:2]:
         assert p.cmd[:4] == [sys.executable, "-m", "carousel.cluster.ray_node", "start"]
+
+
+def test_the_heads_own_metrics_servers_are_off_unless_asked_and_then_on_ports_of_the_cluster(tmp_path):
+    env = local.process_env(_plan(tmp_path), base={})
+    assert env["AUTOSCALER_METRIC_PORT"] == env["DASHBOARD_METRIC_PORT"] == "65536"  # cannot bind: off
+    st = _plan(tmp_path, ray_metrics=True)
+    on = local.process_env(st, base={})
+    assert on["RAY_enable_metrics_collection"] == "1"
+    ports = {int(on["AUTOSCALER_METRIC_PORT"]), int(on["DASHBOARD_METRIC_PORT"])}
+    assert len(ports) == 2 and not ports & {44217, 44227} and not ports & {st.gcs_port, st.dashboard_port}

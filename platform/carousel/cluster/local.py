@@ -194,6 +194,7 @@ def check_backend_driver(backend: str) -> None:
                            f"pip install {package}")
 
 
+METRICS_OFF = 65536  # a port no server can bind: see process_env
 # Per node: fixed defaults (agent port 52365, ...) would collide between nodes on one machine.
 NODE_PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
                    "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
@@ -231,6 +232,8 @@ def plan(cfg: ClusterConfig, state_dir: Path, ip: str, port=free_port) -> Cluste
     )
     # Each node its own Ray temp dir: nodes sharing one would share (and delete each other's)
     # runtime_env working_dir copies, socket names and log files. Short, for unix socket paths.
+    if cfg.ray_metrics:
+        st.config.update(autoscaler_metric_port=new_port(), dashboard_metric_port=new_port())
     st.temp_root = f"/tmp/carousel-{st.cluster_id}"
     ray = [sys.executable, "-m", "carousel.cluster.ray_node"]  # `ray start`, patient with a busy machine
     logs = state_dir / "logs"
@@ -287,6 +290,12 @@ def process_env(st: ClusterState, base: dict[str, str] | None = None) -> dict[st
         "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
         # Off unless asked: each node's metrics exporter would listen on 0.0.0.0 (Ray offers no bind option).
         "RAY_enable_metrics_collection": "1" if st.config.get("ray_metrics") else "0",
+        # The head's autoscaler monitor and dashboard also serve Prometheus metrics, on fixed ports
+        # (44217, 44227) of every interface, whenever prometheus_client is installed; that setting
+        # does not reach them and Ray has no other. An out-of-range port makes each fail to bind (they
+        # log it and go on). With --ray-metrics they get ports of their own, so clusters don't collide.
+        "AUTOSCALER_METRIC_PORT": str(st.config.get("autoscaler_metric_port") or METRICS_OFF),
+        "DASHBOARD_METRIC_PORT": str(st.config.get("dashboard_metric_port") or METRICS_OFF),
         # Jobs submitted with plain `ray job submit` track to this cluster's server too.
         "MLFLOW_TRACKING_URI": st.mlflow_uri,
         "CAROUSEL_STORAGE_PATH": st.storage,

@@ -26,6 +26,19 @@ def _optimizer(model, spec):
     return torch.optim.AdamW(groups, lr=spec.train.lr, betas=spec.train.betas)
 
 
+def skip_inference_comm_op() -> None:
+    """Keep DeepSpeed from JIT-building its shared-memory all-reduce op (~2 min on a fresh machine,
+    then cached) when its communication backend starts: only ``inference_all_reduce`` uses it, and
+    training all-reduces through torch.distributed. DeepSpeed has no setting for this, so its
+    record of which ops this machine can build is amended. Call after ``import deepspeed``."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def local_grad_norm(module) -> float:
     """2-norm of the (already all-reduced) gradients. DeepSpeed clips at ZeRO stage 0 but does not
     report the norm it clipped with, so at stage 0 we measure it before ``engine.step()``."""
@@ -143,6 +156,8 @@ def train_worker(config: dict[str, Any]) -> None:
     device = configure_accelerator()
     import deepspeed
     import ray.train
+
+    skip_inference_comm_op()
     import torch
 
     from carousel.config import JobSpec
