@@ -260,14 +260,18 @@ class PrivateCluster:
         from conftest import free_port
 
         port = free_port()
+        self.address = f"{get_node_ip_address()}:{port}"
         self.log_path = work / f"ray-{port}.log"
         log = open(self.log_path, "w")
+        # RAY_ADDRESS: Ray Train's PlacementGroupCleaner finds this cluster's State API (not the
+        # machine's latest) and a run ends without its 12 s timeout (see tests/integration/conftest.py).
+        env = {**os.environ, "RAY_ADDRESS": self.address, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         self.head = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
-             f"--dashboard-port={free_port()}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [str(BIN / "python"), "-m", "carousel.cluster.ray_node", "start", "--head", "--block", f"--port={port}",
+             f"--num-cpus={num_cpus}", f"--dashboard-port={free_port()}", "--dashboard-host=127.0.0.1",
+             "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )
-        self.address = f"{get_node_ip_address()}:{port}"
         deadline = time.time() + 180
         while "Ray runtime started" not in self.log_path.read_text():
             if self.head.poll() is not None or time.time() > deadline:

@@ -40,7 +40,14 @@ def ray_cluster(tmp_path_factory):
     from ray._private.services import get_node_ip_address
 
     port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray drivers address the head by the node's IP (what `ray start` prints), not by loopback.
+    address = f"{get_node_ip_address()}:{port}"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+           # Ray Train's PlacementGroupCleaner asks the State API with no address: without this it
+           # finds whichever cluster started last on the machine and waits out a 12 s timeout at
+           # the end of every run (as `carousel cluster up` does: local.process_env).
+           "RAY_ADDRESS": address,
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # nothing to drain: stop in seconds, not 30
     log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")
     head = subprocess.Popen(
         [str(BIN / "python"), "-m", "carousel.cluster.ray_node", "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
@@ -48,8 +55,6 @@ def ray_cluster(tmp_path_factory):
          f"--ray-client-server-port={free_port()}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    # Ray drivers address the head by the node's IP (what `ray start` prints), not by loopback.
-    address = f"{get_node_ip_address()}:{port}"
     deadline = time.time() + 120
     while "Ray runtime started" not in Path(log.name).read_text():
         if head.poll() is not None or time.time() > deadline:
