@@ -120,6 +120,9 @@ def init_ray(address: str | None = None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     # Ray reads the auth mode when it is first imported: set it before that.
     os.environ.update(auth_env_for(address))
+    # Ray folds log lines that differ only in numbers ("[repeated 18x across cluster]"): rank 0's
+    # progress lines are exactly that, and folding hides most of them. Also read at import.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import ray
 
     if ray.is_initialized():

@@ -76,6 +76,7 @@ def cluster_env(ray_cluster):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["RAY_ADDRESS"] = ray_cluster
     env["PYTHONUNBUFFERED"] = "1"
+    env["RAY_DEDUP_LOGS"] = "0"  # as carousel's drivers set it: tests read rank 0's step lines
     return env
 
 
