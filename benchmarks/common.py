@@ -20,6 +20,8 @@ from bench_math import vm_hwm_bytes
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SPEC = ROOT / "benchmarks" / "lm-bench.yaml"
+# Intra-op threads of the benchmark job's worker: every plain-PyTorch side uses the same.
+WORKER_THREADS = int(re.search(r"cpus_per_worker:\s*(\d+)", SPEC.read_text()).group(1))
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-cast")
 
 

@@ -6,7 +6,7 @@
 Rows (one module each under benchmarks/rows/; docs/performance.md explains how to read them):
   kernel    LM training FLOP/s / same-run GEMM FLOP/s, fp32 and bf16 (autocast, full cast);
             bf16 validation loss / fp32 after the same steps
-  platform  Carousel (Ray Train + DeepSpeed, 1 worker x 2 threads) tokens/s / a plain PyTorch loop
+  platform  Carousel (Ray Train + DeepSpeed, 1 worker x 1 thread) tokens/s / a plain PyTorch loop
   data      loader / raw windowed read, loader / training, time waiting for data; speech loader
             frames/s and padding efficiency
   tracking  step time with the MetricLogger on / off

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_math import Goal, alternate, padding_efficiency, ratio, spread
-from common import ROOT, PlainLM, load_avg
+from common import ROOT, WORKER_THREADS, PlainLM, load_avg
 
 SPEECH_JOB = ROOT / "jobs" / "asr-flite-small.yaml"
 
@@ -66,7 +66,7 @@ class RawWindows:
 
 
 def row_by_row(loader, k: int):
-    """The window as StreamLoader cut it before TokenRange.rows: one ``slice`` per stream, stacked
+    """The window as StreamLoader first cut it: one ``slice`` per stream, stacked
     (kept here as the "before" side of that change)."""
     import torch
 
@@ -86,7 +86,7 @@ def text(ctx) -> dict:
     from carousel.data.shards import Dataset
     from carousel.data.streams import StreamLoader
 
-    lm = PlainLM(ctx.data, 2)
+    lm = PlainLM(ctx.data, WORKER_THREADS)
     t = lm.spec.train
     ds = Dataset(ctx.data)
     t0 = time.perf_counter()
@@ -114,7 +114,7 @@ def text(ctx) -> dict:
             ratio("data loader/raw", ld["median"] / rw["median"], Goal(">=", 0.5),
                   f"{ld['median'] / 1e6:.1f}M / {rw['median'] / 1e6:.1f}M tok/s (StreamLoader / raw windows)"),
             ratio("data loader/before", ld["median"] / rb["median"], None,
-                  f"{ld['median'] / 1e6:.1f}M / {rb['median'] / 1e6:.1f}M tok/s (TokenRange.rows / one slice per row)"),
+                  f"{ld['median'] / 1e6:.1f}M / {rb['median'] / 1e6:.1f}M tok/s (strided shard runs / one slice per row)"),
             ratio("data loader/bulk", ld["median"] / bk["median"], None,
                   f"{ld['median'] / 1e6:.1f}M / {bk['median'] / 1e6:.0f}M tok/s (StreamLoader / bulk read)"),
             ratio("data loader/train", ld["median"] / train_rate, Goal(">=", 50),

@@ -5,8 +5,10 @@ GEMM are timed alternately. FLOPs count 3 x (sum over layers 8·H·(H+I) + 2·H�
 (bench_math). All precisions take the same steps from the same initial weights, batches and
 dropout masks, so their validation losses afterwards compare precision alone.
 
+Threads: the benchmark job's (one per worker, as every job runs), for the model and the GEMM.
 GEMMs at the model's own shapes are timed too: they bound what the model can reach (the
-recurrent step multiplies a [B, H] matrix, far from a large GEMM's rate).
+recurrent step multiplies a [B, H] matrix, far from a large GEMM's rate); and the same LM at
+hidden 512, to show how the ratio moves with that GEMM's size.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import statistics
 import time
 
 from bench_math import Goal, attainable_rate, gemm_flops, lstm_lm_flops_per_token, ratio, spread
-from common import PlainLM, load_avg
+from common import WORKER_THREADS, PlainLM, load_avg
 
 GEMM_N = 1024  # the reference GEMM: square, large enough for MKL/oneDNN's full rate
+WIDE = 512  # the hidden size of the "wide" line
 
 
 def gemm_rate(torch, m: int, n: int, k: int, dtype, min_s: float = 0.3) -> float:
@@ -66,7 +69,7 @@ def run(ctx) -> dict:
     import torch
 
     precisions = [p for p in ctx.precisions if p]
-    threads = 2
+    threads = WORKER_THREADS  # what the job's workers run with; the threads row shows why one
     trainers = {p: PlainLM(ctx.data, threads, p) for p in precisions}
     lm = trainers["fp32"] if "fp32" in trainers else next(iter(trainers.values()))
     spec, vocab = lm.spec, lm.model.vocab_size
@@ -100,6 +103,16 @@ def run(ctx) -> dict:
                 s = trainers[p].step()
                 model[p].append(flops_step / s["step_s"])
                 losses[p].append(s["loss"])
+    # The same LM twice as wide (hidden and embedding 512), fp32: how the ratio moves with the
+    # recurrent GEMM's size (its [B, H] x [H, 4H] product per time step is what holds H = 256 back).
+    wide = PlainLM(ctx.data, threads, "fp32", overrides=[f"model.hidden={WIDE}", f"model.embed={WIDE}"])
+    wide_flops_step = lstm_lm_flops_per_token([WIDE] * cfg.layers, WIDE, vocab) * wide.tokens_per_step
+    wide_rates, wide_gemm = [], []
+    for _ in range(ctx.kernel_warmup):
+        wide.step()
+    for _ in range(ctx.kernel_rounds):
+        wide_gemm.append(gemm_rate(torch, GEMM_N, GEMM_N, GEMM_N, torch.float32))
+        wide_rates += [wide_flops_step / wide.step()["step_s"] for _ in range(ctx.kernel_steps)]
     shapes = {name: gemm_rate(torch, *mnk, torch.float32) for name, mnk in model_shapes(spec, vocab).items()}
     bound = shape_bound(spec, vocab, shapes)
     steps_taken = ctx.kernel_warmup + ctx.kernel_rounds * ctx.kernel_steps
@@ -112,6 +125,9 @@ def run(ctx) -> dict:
         "gemm_n": GEMM_N,
         "gemm_gflops": {k: spread([x / 1e9 for x in v]) for k, v in gemm.items() if v},
         "model_gflops": {p: spread([x / 1e9 for x in v]) for p, v in model.items()},
+        "wide_hidden": WIDE,
+        "wide_model_gflops_fp32": spread([x / 1e9 for x in wide_rates]),
+        "wide_gemm_gflops_fp32": spread([x / 1e9 for x in wide_gemm]),
         "model_shape_gemm_gflops_fp32": {k: round(v / 1e9, 2) for k, v in shapes.items()},
         "model_shape_bound_gflops_fp32": round(bound / 1e9, 2),
         "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
@@ -128,6 +144,9 @@ def run(ctx) -> dict:
         g, mdl = statistics.median(gemm[key]), statistics.median(model[p])
         out["ratios"].append(ratio(f"kernel {p}", mdl / g, goal,
                                    f"{mdl / 1e9:.2f} / {g / 1e9:.2f} GFLOP/s (LM train / {key} GEMM {GEMM_N}³)"))
+    wm, wg = statistics.median(wide_rates), statistics.median(wide_gemm)
+    out["ratios"].append(ratio(f"kernel fp32 hidden {WIDE}", wm / wg, goal,
+                               f"{wm / 1e9:.2f} / {wg / 1e9:.2f} GFLOP/s (the LM at hidden {WIDE} / fp32 GEMM {GEMM_N}³)"))
     if "fp32" in precisions:
         f32 = statistics.median(model["fp32"])
         out["ratios"].append(ratio("kernel fp32/shapes", f32 / bound, None,

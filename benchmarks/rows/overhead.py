@@ -1,5 +1,5 @@
 """Row 2, platform overhead: Carousel (Ray Train + DeepSpeed engine + MLflow logging, 1 worker x
-2 threads) tokens/s / the plain-PyTorch loop on the same model, data, optimizer and threads, in
+1 thread, as the benchmark job) tokens/s / the plain-PyTorch loop on the same model, data, optimizer and threads, in
 a fresh process of its own set up as a worker is (carousel.train.runtime.set_threads, the
 workers' OpenMP environment).
 
@@ -10,7 +10,7 @@ them): on a shared machine wall-clock rates move with the neighbours' load, CPU 
 from __future__ import annotations
 
 from bench_math import Goal, alternate, ratio, spread
-from common import carousel_train, load_avg, plain_process
+from common import WORKER_THREADS, carousel_train, load_avg, plain_process
 
 
 def run(ctx) -> dict:
@@ -19,7 +19,7 @@ def run(ctx) -> dict:
     threads: list[dict[str, float]] = []
 
     def plain() -> float:
-        r = plain_process(ctx.data, ctx.steps, ctx.warmup, threads=2)
+        r = plain_process(ctx.data, ctx.steps, ctx.warmup, threads=WORKER_THREADS)
         cpu["plain"].append(r["tokens_per_cpu_s"])
         return r["tokens_per_s"]
 

@@ -29,7 +29,7 @@ def run(ctx) -> dict:
 
     def carousel_side(policy: str):
         return lambda: carousel_train(ctx.data, ctx.steps, ctx.warmup, ctx.work, address=cluster.address,
-                                      env={"OMP_WAIT_POLICY": policy})["tokens_per_s"]
+                                      extra=["--set", "scaling.cpus_per_worker=2"], env={"OMP_WAIT_POLICY": policy})["tokens_per_s"]
 
     sides = {name: side(*v) for name, v in SIDES.items()}
     sides.update({name: carousel_side(policy) for name, policy in CAROUSEL_SIDES.items()})

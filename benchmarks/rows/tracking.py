@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from bench_math import Goal, alternate, ratio, spread
-from common import load_avg, plain_loop
+from common import WORKER_THREADS, load_avg, plain_loop
 
 
 def run(ctx) -> dict:
@@ -28,7 +28,7 @@ def run(ctx) -> dict:
     cpu: dict[str, list[float]] = {"off": [], "on": []}
 
     def unlogged_run() -> float:
-        r = plain_loop(ctx.data, ctx.steps, ctx.warmup, 2)
+        r = plain_loop(ctx.data, ctx.steps, ctx.warmup, WORKER_THREADS)
         cpu["off"].append(1 / r["tokens_per_cpu_s"])
         return r["step_s"]
 
@@ -44,7 +44,7 @@ def run(ctx) -> dict:
 
     def logged_run() -> float:
         p0, l0 = time.process_time(), time.clock_gettime(thread_clock)
-        r = plain_loop(ctx.data, ctx.steps, ctx.warmup, 2, logger=timed)
+        r = plain_loop(ctx.data, ctx.steps, ctx.warmup, WORKER_THREADS, logger=timed)
         own["process_s"] += time.process_time() - p0
         own["logger_s"] += time.clock_gettime(thread_clock) - l0
         offset[0] += ctx.warmup + ctx.steps
@@ -60,7 +60,7 @@ def run(ctx) -> dict:
     # Each side is a few seconds: more rounds than the other rows, for a steadier median.
     s = alternate({"off": unlogged_run, "on": logged_run}, 2 * ctx.rounds + 1)
     logger.close()  # the final flush runs on this thread: not part of the training steps
-    sync = plain_loop(ctx.data, ctx.steps, ctx.warmup, 2, logger=synchronous)["step_s"]
+    sync = plain_loop(ctx.data, ctx.steps, ctx.warmup, WORKER_THREADS, logger=synchronous)["step_s"]
     logged = len(c.get_metric_history(run_id, "train_loss"))
     if logged != offset[0]:  # the figure is only worth something if the logger really logged
         raise RuntimeError(f"the MetricLogger stored {logged} train_loss points, expected {offset[0]}")

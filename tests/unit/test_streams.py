@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from carousel.data.shards import DataError
 from carousel.data.streams import StreamLayout, StreamLoader
@@ -74,23 +75,38 @@ def test_rank_reads_only_its_shards(dataset):
 
 
 
-def test_rows_equal_row_by_row_slices(dataset):
-    """The window read returns exactly what slicing row by row does, across shard boundaries,
-    and refuses rows outside the rank's range."""
+def test_windows_equal_the_tokens_they_name_in_any_order(dataset):
+    """Every window is exactly tokens [start + k*T, start + k*T + T] of its stream (the fixture's
+    token values are their positions), whether windows are read in order, backwards or at random,
+    with rows inside one shard, straddling a boundary, or at the rank range's edges."""
+    rng = np.random.default_rng(0)
+    for world, B, T in ((1, 1, 7), (1, 4, 10), (2, 3, 16), (3, 5, 9), (1, 16, 50)):
+        for rank in range(world):
+            loader = StreamLoader(dataset, "train", rank, world, B, T)
+            starts = [loader.layout.stream_start(rank * B + b) for b in range(B)]
+            order = [*range(len(loader)), *reversed(range(len(loader))), *rng.integers(0, len(loader), 20).tolist()]
+            for k in order:
+                x, y = loader.window(k)
+                expect = np.stack([np.arange(s + k * T, s + k * T + T + 1) for s in starts])
+                assert x.dtype == torch.int64 and np.array_equal(x.numpy(), expect[:, :-1])
+                assert np.array_equal(y.numpy(), expect[:, 1:])
+
+
+def test_strided_run_is_a_view_of_one_shard_and_refuses_outside_the_range(dataset):
     from carousel.data.streams import TokenRange
 
-    tr = TokenRange(dataset, "train", 0, 1001)
-    rng = np.random.default_rng(0)
-    for length in (1, 7, 65, 300):
-        starts = [int(x) for x in rng.integers(0, 1001 - length + 1, size=40)]
-        starts[:3] = [max(0, 299 - length // 2), min(300, 1001 - length), 0]  # straddling a boundary, at one, first
-        expect = np.stack([tr.slice(s, s + length) for s in starts])
-        got = tr.rows(starts, length)
-        assert got.dtype == np.int64 and np.array_equal(got, expect)
-    with pytest.raises(IndexError):
-        tr.rows([1000], 2)
+    tr = TokenRange(dataset, "train", 0, 1001)  # shards [0, 300), [300, 700), [700, 1001)
+    first, stop, view = tr.strided_run(5, 10, 11, 3)  # window 3 = [35, 46), inside shard 0
+    assert (first, stop) == (0, 29)  # window 28 = [285, 296) is the last one shard 0 holds whole
+    assert np.array_equal(view[28 - first], np.arange(285, 296)) and not view.flags.writeable
+    assert tr.strided_run(5, 10, 11, 29) is None  # [295, 306) straddles shards 0 and 1
+    first, stop, view = tr.strided_run(5, 10, 11, 30)  # [305, 316): shard 1
+    assert (first, stop) == (30, 69) and np.array_equal(view[0], np.arange(305, 316))
+    assert np.array_equal(view[-1], np.arange(685, 696))
     part = TokenRange(dataset, "train", 250, 600)  # a range that starts and stops inside shards
-    assert np.array_equal(part.rows([250, 590], 10), np.stack([part.slice(250, 260), part.slice(590, 600)]))
-    for bad in ([249], [595]):
+    first, stop, view = part.strided_run(250, 10, 10, 0)
+    assert (first, stop) == (0, 5) and np.array_equal(view[4], np.arange(290, 300))
+    assert part.strided_run(250, 10, 10, 34)[:2] == (5, 35)  # shard 1 from [300, 310); [600, 610) leaves the range
+    for a0, k in ((249, 0), (250, 35)):
         with pytest.raises(IndexError):
-            part.rows(bad, 10)
+            part.strided_run(a0, 10, 11, k)
