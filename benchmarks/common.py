@@ -176,7 +176,8 @@ def plain_process(data: str, steps: int, warmup: int, threads: int, env: dict[st
 
 def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str | None = None,
                    extra: list[str] | None = None, watch: Callable[[str, subprocess.Popen], None] | None = None,
-                   spec: Path = SPEC, workers_root: int | None = None, env: dict[str, str] | None = None) -> dict:
+                   spec: Path = SPEC, workers_root: int | None = None, env: dict[str, str] | None = None,
+                   tracking_uri: str | None = None) -> dict:
     """Run `carousel train` and read its per-step throughput back from MLflow.
 
     ``watch(line, proc)`` sees every output line as it arrives (the memory row reads the
@@ -187,6 +188,8 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
     descend from: a running cluster's head, else this command). CPU time hardly moves with the
     machine's load, so it backs the wall-clock figure on a shared machine. ``env``: variables added
     to the command's environment (OMP_WAIT_POLICY reaches the workers through ray_session.worker_env).
+    ``tracking_uri``: where the run tracks (default: a sqlite store in ``work``). ``machine`` splits
+    the whole machine's CPU over the measured steps: the train workers, everything else, idle.
     """
     from mlflow.tracking import MlflowClient
 
@@ -196,6 +199,8 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
             "--set", f"run.storage_path={work / 'runs'}", *(extra or [])]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
     if address:
         args += ["--address", address]
     # Lines printed by the driver, Ray Train's controller, DeepSpeed and rank 0, in launch order.
@@ -220,7 +225,7 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
                     timeline[key] = round(time.time() - t0, 2)
             for step, pat in window.items():
                 if steps and step not in cpu_at and pat.search(line):
-                    cpu_at[step] = (time.time(), workers_cpu_by_thread(workers_root or proc.pid, before))
+                    cpu_at[step] = (time.time(), workers_cpu_by_thread(workers_root or proc.pid, before), machine_cpu())
             if watch is not None:
                 watch(line, proc)
         proc.wait()
@@ -229,15 +234,21 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
         raise
     if proc.returncode:
         raise RuntimeError(f"carousel train failed:\n{''.join(out[-40:])}")
-    c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    c = MlflowClient(tracking_uri or f"sqlite:///{work / 'mlflow.db'}")
     exp = c.get_experiment_by_name("carousel-bench")
     (run,) = c.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")
     history = c.get_metric_history(run.info.run_id, "tokens_per_s")
     tps = [m.value for m in sorted(history, key=lambda m: m.step) if warmup < m.step <= warmup + steps]
-    threads, done = {}, 0
+    threads, done, machine = {}, 0, {}
     if len(cpu_at) == 2:
-        (ta, a), (tb, b) = cpu_at[warmup], cpu_at[warmup + steps]
+        (ta, a, ma), (tb, b, mb) = cpu_at[warmup], cpu_at[warmup + steps]
         threads = {k: b[k] - a.get(k, 0.0) for k in b}
+        busy, idle = mb[0] - ma[0], mb[1] - ma[1]
+        if busy + idle > 0:
+            work_s = sum(threads.values())
+            machine = {"train_workers": round(work_s / (busy + idle), 3),
+                       "everything_else": round((busy - work_s) / (busy + idle), 3),
+                       "idle": round(idle / (busy + idle), 3)}
         # The lines reach us through Ray's log forwarding, late by a varying fraction of a second:
         # count the steps finished between the two CPU readings by the metric timestamps rank 0
         # wrote right after each step (same clock), not by the step numbers the lines carry.
@@ -246,7 +257,7 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
     per_step = int(run.data.params.get("train.batch_size", 0)) * int(run.data.params.get("train.bptt", 0)) * \
         int(run.data.params.get("scaling.num_workers", 1))
     return {"tokens_per_s": statistics.median(tps) if tps else float("nan"), "first_step_s": timeline.get("first_step"),
-            "wall_s": round(time.time() - t0, 2), "timeline": timeline,
+            "wall_s": round(time.time() - t0, 2), "timeline": timeline, "machine": machine,
             "tokens_per_cpu_s": per_step * done / cpu if cpu > 0 and done else float("nan"),
             "cpu_s_by_thread": thread_summary(threads)}
 
@@ -267,7 +278,13 @@ class PrivateCluster:
         log = open(self.log_path, "w")
         # RAY_ADDRESS: Ray Train's PlacementGroupCleaner finds this cluster's State API (not the
         # machine's latest) and a run ends without its 12 s timeout (see tests/integration/conftest.py).
-        env = {**os.environ, "RAY_ADDRESS": self.address, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        # Metrics exporters off, as `carousel cluster up` runs them (cluster/local.py process_env):
+        # the cluster a user's `carousel train` meets, and less daemon CPU on 2 cores.
+        from carousel.cluster.local import METRICS_OFF
+
+        env = {**os.environ, "RAY_ADDRESS": self.address, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+               "RAY_enable_metrics_collection": "0", "AUTOSCALER_METRIC_PORT": str(METRICS_OFF),
+               "DASHBOARD_METRIC_PORT": str(METRICS_OFF)}
         self.head = subprocess.Popen(
             [str(BIN / "python"), "-m", "carousel.cluster.ray_node", "start", "--head", "--block", f"--port={port}",
              f"--num-cpus={num_cpus}", f"--dashboard-port={free_port()}", "--dashboard-host=127.0.0.1",
@@ -298,6 +315,50 @@ class PrivateCluster:
 
 
 # ------------------------------------------------------------------ workers' memory
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, idle) CPU-seconds of the whole machine since boot, from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = f[3] + f[4]  # idle + iowait
+    return (sum(f[:8]) - idle) / tick, idle / tick
+
+
+class MlflowServer:
+    """An MLflow tracking server of our own (sqlite in ``work``), as `carousel cluster up` runs one
+    beside its Ray cluster; stopped by its process group."""
+
+    def __init__(self, work: Path):
+        sys.path.insert(0, str(ROOT / "tests" / "integration"))
+        from conftest import free_port
+
+        port = free_port()
+        self.uri = f"http://127.0.0.1:{port}"
+        self.log_path = work / f"mlflow-{port}.log"
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(
+            [str(BIN / "python"), "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{work / 'server.db'}",
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
+        )
+        import urllib.request
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(self.log_path.read_text()[-3000:])
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
 
 
 def workers_cpu_by_thread(root_pid: int, exclude: set[int]) -> dict[str, float]:

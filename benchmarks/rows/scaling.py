@@ -3,7 +3,8 @@
 same cores used by intra-op threads instead). Same per-worker batch, a running private cluster,
 sides alternated; the load average is recorded because on a shared 2-core machine it, not
 Carousel, decides the first ratio. Tokens per CPU-second of the workers show what data
-parallelism costs in work (gradient all-reduce, a second process) independently of the load."""
+parallelism costs in work (gradient all-reduce, a second process) independently of the load, and
+the split of the whole machine's CPU during the 2 x 1 steps shows what the workers did not get."""
 
 from __future__ import annotations
 
@@ -13,10 +14,17 @@ from common import carousel_train, load_avg
 SHAPES = {"1x1": (1, 1), "2x1": (2, 1), "1x2": (1, 2)}
 
 
+def _median_split(splits: list[dict[str, float]]) -> dict[str, float]:
+    """The run whose workers got the median share, or {} when none was measured."""
+    splits = sorted((x for x in splits if x), key=lambda x: x["train_workers"])
+    return splits[len(splits) // 2] if splits else {}
+
+
 def run(ctx) -> dict:
     cluster = ctx.cluster()
     loads: list[list[float]] = []
     cpu: dict[str, list[float]] = {k: [] for k in SHAPES}
+    machine: dict[str, list[dict[str, float]]] = {k: [] for k in SHAPES}
 
     def side(name: str, workers: int, threads: int):
         def go() -> float:
@@ -25,6 +33,7 @@ def run(ctx) -> dict:
                                workers_root=cluster.head.pid)
             loads.append(load_avg())
             cpu[name].append(r["tokens_per_cpu_s"])
+            machine[name].append(r["machine"])
             return r["tokens_per_s"]
 
         return go
@@ -36,6 +45,7 @@ def run(ctx) -> dict:
         "tokens_per_s": m,
         "tokens_per_cpu_s": c,
         "load_avg_per_run": loads,
+        "machine_cpu_split": machine,  # per run: train workers / everything else / idle, over the measured steps
         "ratios": [
             ratio("scaling 2x1/1x1", m["2x1"]["median"] / m["1x1"]["median"], Goal(">=", 1.8),
                   f"{m['2x1']['median']:.0f} / {m['1x1']['median']:.0f} tok/s (2 workers x 1 thread / 1 x 1)"),
@@ -44,6 +54,10 @@ def run(ctx) -> dict:
             ratio("scaling 2x1/1x1 CPU-s", c["2x1"]["median"] / c["1x1"]["median"], None,
                   f"{c['2x1']['median']:.0f} / {c['1x1']['median']:.0f} tok per CPU-second: what data parallelism "
                   "costs in work, whatever the load"),
+            *([ratio("scaling 2x1 workers' CPU share", share["train_workers"], None,
+                     f"of the machine's CPU during the 2 x 1 steps; everything else {share['everything_else']:.3f}, "
+                     f"idle {share['idle']:.3f} (Ray's daemons, Train's actors, the driver; all-reduce waits)")]
+              if (share := _median_split(machine["2x1"])) else []),
         ],
         "load_avg": load_avg(),
     }

@@ -145,28 +145,33 @@ def init_ray(address: str | None = None) -> bool:
     return False
 
 
-def fit_interruptibly(trainer):
-    """``trainer.fit()`` on a helper thread while the main thread waits in short, interruptible joins.
+class BackgroundFit:
+    """``trainer.fit()`` running on a helper thread; ``wait()`` joins it in short, interruptible joins.
 
     A driver blocked in ``ray.get`` (where ``fit`` waits for the Train controller) never runs Python
     signal handlers: measured with Ray 2.60, a job driver given SIGTERM by ``ray job stop`` sat there
     until the supervisor's SIGKILL, and its MLflow run stayed RUNNING. Ray Train supports ``fit`` off
-    the main thread (Tune does it), and the main thread then handles SIGTERM/SIGINT at once.
+    the main thread (Tune does it), and the main thread then handles SIGTERM/SIGINT at once. The
+    main thread may also work while the run starts (`carousel train` opens its MLflow run then).
     """
-    import threading
 
-    box: dict = {}
+    def __init__(self, trainer):
+        import threading
 
-    def run():
+        self._box: dict = {}
+        self._thread = threading.Thread(target=self._run, args=(trainer,), name="trainer.fit", daemon=True)
+        self._thread.start()
+
+    def _run(self, trainer) -> None:
         try:
-            box["result"] = trainer.fit()
+            self._box["result"] = trainer.fit()
         except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
-            box["error"] = e
+            self._box["error"] = e
 
-    t = threading.Thread(target=run, name="trainer.fit", daemon=True)
-    t.start()
-    while t.is_alive():
-        t.join(0.5)
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    def wait(self):
+        while self._thread.is_alive():
+            self._thread.join(0.5)
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["result"]
+

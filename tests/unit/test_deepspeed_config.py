@@ -39,3 +39,16 @@ def test_warmup_then_decay_to_the_floor(schedule):
 def test_constant():
     t = TrainConfig(max_steps=50, warmup_steps=5, schedule="constant")
     assert [lr_factor(s, t) for s in (0, 4, 5, 49)] == [0.2, 1.0, 1.0, 1.0]
+
+
+def test_bf16_on_a_cpu_without_bf16_arithmetic_is_warned_about():
+    import torch
+
+    from carousel.train.loop import slow_precision_warning
+
+    cpu = torch.device("cpu")
+    assert slow_precision_warning("fp32", cpu) is None
+    assert slow_precision_warning("bf16", torch.device("cuda")) is None  # cuDNN's path, not oneDNN's
+    expected = None if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "without bf16 arithmetic"
+    got = slow_precision_warning("bf16", cpu)
+    assert (got is None) if expected is None else (expected in got)

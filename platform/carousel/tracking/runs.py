@@ -55,6 +55,7 @@ class RunRecord(JsonRecord):
     step: int = 0
     created: float = 0.0
     driver: dict[str, Any] | None = None  # host and pid of the driver that last opened the run
+    launch: str | None = None  # id of the `carousel train` that last opened it (see wait_for_mlflow_run)
     FILE = RECORD
 
     def save(self, storage_path: str) -> None:
@@ -134,13 +135,17 @@ def _param_value(v: Any) -> str:
     return s[:6000]  # MLflow's param value limit
 
 
-def open_run(spec: JobSpec, tracking_uri: str, extra_tags: dict[str, str] | None = None) -> tuple[RunRecord, bool]:
-    """Create or reopen the run for ``spec``; returns (record, resumed)."""
+def open_run(
+    spec: JobSpec, tracking_uri: str, extra_tags: dict[str, str] | None = None, name: str | None = None,
+    launch: str | None = None,
+) -> tuple[RunRecord, bool]:
+    """Create or reopen the run for ``spec``; returns (record, resumed). ``name``: the run's name,
+    already chosen with ``free_name``; ``launch``: written into the record for ``wait_for_mlflow_run``."""
     from mlflow.entities import Param, RunTag
 
     storage = spec.run.storage_path
     sweep_dead_runs(storage)
-    name = free_name(storage, spec.run_name)
+    name = name or free_name(storage, spec.run_name)
     record = RunRecord.load(storage, name)
     c = client(tracking_uri)
     if record is not None:
@@ -149,6 +154,7 @@ def open_run(spec: JobSpec, tracking_uri: str, extra_tags: dict[str, str] | None
         record.status = "RUNNING"
         record.spec = spec.model_dump(mode="json")
         record.driver = _this_driver()
+        record.launch = launch
         record.save(storage)
         return record, True
 
@@ -167,9 +173,36 @@ def open_run(spec: JobSpec, tracking_uri: str, extra_tags: dict[str, str] | None
     params = [Param(k, _param_value(v)) for k, v in flatten(spec.model_dump(mode="json")).items()]
     c.log_batch(run.info.run_id, params=params, tags=[RunTag("carousel.storage", storage)])
     record = RunRecord(name, run.info.run_id, exp_id, tracking_uri, spec.model_dump(mode="json"),
-                       created=time.time(), driver=_this_driver())
+                       created=time.time(), driver=_this_driver(), launch=launch)
     record.save(storage)
     return record, False
+
+
+class RunNotOpened(RuntimeError):
+    """The driver never recorded the MLflow run of this launch (it failed or died first)."""
+
+
+def wait_for_mlflow_run(storage_path: str, name: str, launch: str, timeout: float = 300.0, pause: float = 0.2) -> str:
+    """The MLflow run id that launch ``launch`` of run ``name`` recorded, once it has.
+
+    `carousel train` starts the Ray Train workers first and opens the MLflow run while they start
+    (importing MLflow and opening its store cost the driver ~2 s that the workers need not wait
+    for); rank 0 reads the id from the run record when it first needs it, by which time the driver
+    has long written it. The record is the run's identity on shared storage, which every worker
+    reaches (checkpoints live beside it). A driver that fails to open the run exits, and Ray ends
+    its job's workers with it; the timeout covers a driver that hangs.
+    """
+    deadline = time.time() + timeout
+    while True:
+        rec = RunRecord.load(storage_path, name)
+        if rec is not None and rec.launch == launch:
+            return rec.mlflow_run_id
+        if time.time() > deadline:
+            raise RunNotOpened(
+                f"run {name}: the driver did not record its MLflow run in {RunRecord.location(storage_path, name).uri()} "
+                f"within {timeout:.0f} s (did `carousel train` fail or hang?)"
+            )
+        time.sleep(pause)
 
 
 def close_run(record: RunRecord, storage_path: str, status: str, step: int | None = None) -> None:

@@ -12,9 +12,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlflow
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+# MLflow is imported where it is used, not here: importing it (with its SQL store) costs the
+# driver ~2 s, and `carousel train` resolves the URI long before it needs a client (the run is
+# opened while the workers start: train/launcher.py).
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -56,6 +61,8 @@ def default_artifact_root(tracking_uri: str) -> str | None:
 
 
 def client(tracking_uri: str) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
     bound_http_requests()
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
@@ -154,9 +161,11 @@ def ensure_experiment(c: MlflowClient, name: str, tracking_uri: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    from mlflow.exceptions import MlflowException
+
     try:
         return c.create_experiment(name, artifact_location=default_artifact_root(tracking_uri))
-    except mlflow.exceptions.MlflowException:
+    except MlflowException:
         # Another driver created it between our lookup and create.
         exp = c.get_experiment_by_name(name)
         if exp is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from carousel.config import JobSpec
 from carousel.data.shards import DataError, Dataset
 from carousel.data.streams import StreamLayout
-from carousel.ray_session import fit_interruptibly, init_ray
+from carousel.ray_session import BackgroundFit, init_ray
 
 
 @dataclass
@@ -62,7 +63,7 @@ def build_trainer(spec: JobSpec, run_name: str, train_loop_config: dict[str, Any
     resources = {"CPU": s.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    storage = spec.run.storage_path if "://" in spec.run.storage_path else os.path.abspath(spec.run.storage_path)
+    storage = storage_uri(spec.run.storage_path)
     return TorchTrainer(
         train_worker,
         train_loop_config=train_loop_config,
@@ -125,11 +126,15 @@ def _raise_terminated(signum, frame):
     raise _Terminated(signal.Signals(signum).name)
 
 
+def storage_uri(storage_path: str) -> str:
+    """The run storage as every node names it: a URI as given, a local path made absolute."""
+    return storage_path if "://" in storage_path else os.path.abspath(storage_path)
+
+
 def train(spec: JobSpec, address: str | None = None, tracking_uri: str | None = None) -> TrainOutcome:
     t0 = time.time()
     preflight(spec)
     embedded = init_ray(address)  # before anything imports ray: it fixes the auth mode at import
-    import mlflow
     import ray
 
     from carousel.train.capacity import wait_for_capacity
@@ -137,7 +142,7 @@ def train(spec: JobSpec, address: str | None = None, tracking_uri: str | None = 
     # An embedded Ray is this machine and nothing will join it: no point waiting.
     wait_for_capacity(spec.scaling, 0 if embedded else spec.scaling.resources_timeout_s)
 
-    from carousel.tracking.runs import close_run, open_run
+    from carousel.tracking.runs import close_run, free_name, open_run
     from carousel.tracking.store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri or spec.tracking.uri)
@@ -146,25 +151,33 @@ def train(spec: JobSpec, address: str | None = None, tracking_uri: str | None = 
         tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
     except Exception:  # noqa: BLE001 - a tag, not a requirement
         pass
-    record, resumed = open_run(spec, uri, tags)
     storage = spec.run.storage_path
-    print(
-        f"{'resuming' if resumed else 'starting'} run {record.name} | MLflow run {record.mlflow_run_id} | "
-        f"tracking {uri}",
-        flush=True,
-    )
+    name = free_name(storage, spec.run_name)
+    launch = uuid.uuid4().hex
     _stopped_by.clear()
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     old_int = signal.signal(signal.SIGINT, _raise_terminated)
-    status, step = "FAILED", None
-    outcome = TrainOutcome(record.name, record.mlflow_run_id, uri, status, resumed=resumed)
+    status, step, record = "FAILED", None, None
+    outcome = TrainOutcome(name, "", uri, status)
     try:
+        # The Train controller and workers start first; the MLflow run is opened while they do.
+        # Importing MLflow and opening its store cost the driver ~2 s, and nothing in a worker needs
+        # the run before rank 0's first log line: it reads the id from the run record then
+        # (tracking/runs.py wait_for_mlflow_run). Measured: docs/performance.md, start-up.
         trainer = build_trainer(
-            spec,
-            record.name,
-            {"spec": spec.model_dump(mode="json"), "mlflow_run_id": record.mlflow_run_id, "tracking_uri": uri},
+            spec, name,
+            {"spec": spec.model_dump(mode="json"), "tracking_uri": uri, "run_name": name, "launch": launch,
+             "run_storage": storage_uri(storage)},
         )
-        result = fit_interruptibly(trainer)  # SIGTERM (ray job stop) is handled at once
+        fit = BackgroundFit(trainer)  # SIGTERM (ray job stop) is handled at once
+        record, resumed = open_run(spec, uri, tags, name=name, launch=launch)
+        outcome.mlflow_run_id, outcome.resumed = record.mlflow_run_id, resumed
+        print(
+            f"{'resuming' if resumed else 'starting'} run {record.name} | MLflow run {record.mlflow_run_id} | "
+            f"tracking {uri}",
+            flush=True,
+        )
+        result = fit.wait()
         metrics = dict(result.metrics or {})
         step = metrics.get("step")
         outcome.metrics = metrics
@@ -180,7 +193,7 @@ def train(spec: JobSpec, address: str | None = None, tracking_uri: str | None = 
         status = "KILLED"
         raise
     except Exception as e:
-        if _stopped_by:
+        if _stopped_by or record is None:  # no MLflow run: nothing to mark; the workers end with this driver
             raise
         raise RunFailed(record.name, failure_reason(e)) from e
     finally:
@@ -188,9 +201,12 @@ def train(spec: JobSpec, address: str | None = None, tracking_uri: str | None = 
             status = "KILLED"
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
-        close_run(record, storage, status, step)
+        if record is not None:
+            close_run(record, storage, status, step)
         outcome.status = status
         outcome.seconds = time.time() - t0
+        import mlflow  # callers in this process (carousel.cli, tests) read the run back through it
+
         mlflow.set_tracking_uri(uri)
     return outcome
 

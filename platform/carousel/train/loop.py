@@ -39,6 +39,18 @@ def skip_inference_comm_op() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+def slow_precision_warning(precision: str, device) -> str | None:
+    """A warning line for bf16 on a CPU without bf16 arithmetic (no AVX-512 BF16 or AMX): oneDNN
+    then takes a generic path, measured 25-40x slower than fp32 on such a CPU (docs/performance.md,
+    kernel row). A warning, not a refusal: the run is correct, only slow."""
+    import torch
+
+    if precision != "bf16" or device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return ("warning: precision bf16 on a CPU without bf16 arithmetic (no AVX-512 BF16 / AMX): expect it to be "
+            "many times slower than fp32 (set train.precision=fp32)")
+
+
 def local_grad_norm(module) -> float:
     """2-norm of the (already all-reduced) gradients. DeepSpeed clips at ZeRO stage 0 but does not
     report the norm it clipped with, so at stage 0 we measure it before ``engine.step()``."""
@@ -212,13 +224,19 @@ def train_worker(config: dict[str, Any]) -> None:
 
             apply_hyperparameters(engine, t)
 
-    logger = None
+    logger, run_id = None, None
     if rank == 0:
         from carousel.tracking.metrics import MetricLogger, last_logged_step
         from carousel.tracking.store import client
 
+        from carousel.tracking.runs import wait_for_mlflow_run
+
         c = client(config["tracking_uri"])
-        run_id = config["mlflow_run_id"]
+        # `carousel train` opens the MLflow run while the workers start (launcher.py); tune trials
+        # open theirs first and pass the id.
+        run_id = config.get("mlflow_run_id") or wait_for_mlflow_run(
+            config["run_storage"], config["run_name"], config["launch"]
+        )
         logger = MetricLogger(c, run_id, skip_through_step=last_logged_step(c, run_id, "lr"))
         logger.resend(unsent_metrics)  # points the checkpoint covers that the server never confirmed
         monitor = None
@@ -233,6 +251,8 @@ def train_worker(config: dict[str, Any]) -> None:
         params = sum(p.numel() for p in model.parameters())
         for line in unit.summary_lines(params, world):
             say(line)
+        if (warning := slow_precision_warning(t.precision, device)) is not None:
+            say(warning)
         if warm:
             say(f"continuing {spec.run.init_from} at step {step} (lr {engine.get_lr()[0]:.3g})")
         else:
@@ -252,7 +272,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 "world_size": world,
                 "metrics": metrics,
                 "best": best,
-                "mlflow_run_id": config["mlflow_run_id"],
+                "mlflow_run_id": run_id,
                 "spec": spec.model_dump(mode="json"),
             }
         rank_state = {"loader": loader.state_dict(), "unit": unit.state_dict(), "rng": rng_state(),
