@@ -81,3 +81,38 @@ def test_final_status_is_retried_while_the_server_is_away_and_gives_up_in_time()
     with pytest.raises(store.TrackingUnavailable, match=r"http://x stayed unreachable for 0 s: could not mark it "
                                                         r"\(Connection refused\)"):
         store.retry_while_unreachable(gone, "http://x", "mark it", timeout=0.2, pause=0.05)
+
+
+def test_server_auth_reads_what_mlflows_client_reads_in_its_order(tmp_path):
+    """The start-up check authenticates as MLflow's client would (mlflow.utils.credentials):
+    environment before ~/.mlflow/credentials, basic auth before a token, MLflow's TLS settings;
+    auth that only MLflow can do is left to MLflow."""
+    from carousel.tracking.store import server_auth
+
+    creds = tmp_path / "credentials"
+    creds.write_text("[mlflow]\nmlflow_tracking_username = fileuser\nmlflow_tracking_password = filepw\n")
+    assert server_auth({}, str(creds))["auth"] == ("fileuser", "filepw")
+    env = {"MLFLOW_TRACKING_USERNAME": "envuser", "MLFLOW_TRACKING_PASSWORD": "envpw", "MLFLOW_TRACKING_TOKEN": "t"}
+    got = server_auth(env, str(creds))
+    assert got["auth"] == ("envuser", "envpw") and got["headers"] == {} and got["user"] == "envuser"
+    got = server_auth({"MLFLOW_TRACKING_TOKEN": "t"}, str(tmp_path / "none"))
+    assert got["auth"] is None and got["headers"] == {"Authorization": "Bearer t"} and got["user"] is None
+    assert server_auth({}, str(tmp_path / "none"))["verify"] is True
+    assert server_auth({"MLFLOW_TRACKING_INSECURE_TLS": "TRUE"}, str(creds))["verify"] is False
+    tls = server_auth({"MLFLOW_TRACKING_SERVER_CERT_PATH": "/ca.pem", "MLFLOW_TRACKING_CLIENT_CERT_PATH": "/me.pem"}, str(creds))
+    assert tls["verify"] == "/ca.pem" and tls["cert"] == "/me.pem"
+    assert server_auth({"MLFLOW_TRACKING_AWS_SIGV4": "true"}, str(creds)) is None
+    assert server_auth({"MLFLOW_TRACKING_AUTH": "my_plugin"}, str(creds)) is None
+
+
+def test_a_refused_tracking_server_fails_the_check_naming_it():
+    import socket
+
+    import pytest
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    with pytest.raises(store.TrackingUnavailable, match=rf"server at {uri} is not reachable \(Connection refused\).*Nothing was started"):
+        store.require_tracking_server(uri, timeout=2, retries=0)

@@ -119,6 +119,42 @@ def describe_refusal(tracking_uri: str, status: int, user: str | None, body: str
     return f"the MLflow tracking server at {tracking_uri} answered HTTP {status}: {body[:300]}"
 
 
+def server_auth(environ=None, credentials_file: str = "~/.mlflow/credentials") -> dict | None:
+    """How MLflow's client would authenticate to a tracking server, as ``requests`` arguments
+    (pure but for reading ``credentials_file``: unit-tested), or None for auth only MLflow can do
+    (AWS SigV4, an auth plug-in).
+
+    By hand because the start-up check runs before anything else, and MLflow's own lookup
+    (``mlflow.utils.credentials.get_default_host_creds``) can only be imported with all of MLflow:
+    ~2 s of `carousel train`'s start-up (docs/performance.md). Same sources, same precedence:
+    MLFLOW_TRACKING_USERNAME / _PASSWORD from the environment, else the ``[mlflow]`` section of
+    ~/.mlflow/credentials; else MLFLOW_TRACKING_TOKEN; the TLS settings as MLflow reads them.
+    """
+    import configparser
+
+    env = os.environ if environ is None else environ
+    truthy = ("true", "1")
+    if env.get("MLFLOW_TRACKING_AWS_SIGV4", "").lower() in truthy or env.get("MLFLOW_TRACKING_AUTH"):
+        return None
+    user, password = env.get("MLFLOW_TRACKING_USERNAME"), env.get("MLFLOW_TRACKING_PASSWORD")
+    path = os.path.expanduser(credentials_file)
+    if os.path.exists(path):
+        cfg = configparser.ConfigParser()
+        cfg.read(path)
+        if "mlflow" in cfg:
+            user = user or cfg["mlflow"].get("mlflow_tracking_username")
+            password = password or cfg["mlflow"].get("mlflow_tracking_password")
+    out: dict = {"user": user, "auth": None, "headers": {}}
+    if user and password:
+        out["auth"] = (user, password)
+    elif env.get("MLFLOW_TRACKING_TOKEN"):
+        out["headers"] = {"Authorization": f"Bearer {env['MLFLOW_TRACKING_TOKEN']}"}
+    insecure = env.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in truthy
+    out["verify"] = False if insecure else (env.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True)
+    out["cert"] = env.get("MLFLOW_TRACKING_CLIENT_CERT_PATH")
+    return out
+
+
 def require_tracking_server(tracking_uri: str, timeout: int = 5, retries: int = 1) -> None:
     """Raise TrackingUnavailable unless the server answers an authenticated read, within about
     ``(retries + 1) * timeout`` seconds. Other stores (sqlite, postgresql://...) are not checked here.
@@ -129,20 +165,43 @@ def require_tracking_server(tracking_uri: str, timeout: int = 5, retries: int = 
     """
     if not is_server_uri(tracking_uri):
         return
+    auth = server_auth()
+    if auth is None:
+        return _require_tracking_server_via_mlflow(tracking_uri, timeout, retries)
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    session = requests.Session()
+    session.mount(tracking_uri, HTTPAdapter(max_retries=Retry(total=retries, backoff_factor=1, raise_on_status=False)))
+    try:
+        resp = session.get(f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                           auth=auth["auth"], headers=auth["headers"], verify=auth["verify"], cert=auth["cert"],
+                           timeout=timeout)
+    except requests.RequestException as e:
+        raise TrackingUnavailable(_unreachable(tracking_uri, e)) from None
+    if resp.status_code != 200:
+        raise TrackingUnavailable(describe_refusal(tracking_uri, resp.status_code, auth["user"], resp.text))
+
+
+def _unreachable(tracking_uri: str, e: Exception) -> str:
+    return (f"the MLflow tracking server at {tracking_uri} is not reachable ({_root_cause(e)}); start it, or "
+            "point tracking.uri / MLFLOW_TRACKING_URI at one that runs. Nothing was started.")
+
+
+def _require_tracking_server_via_mlflow(tracking_uri: str, timeout: int, retries: int) -> None:
+    """The same check through MLflow's own client, for auth only it can do (SigV4, plug-ins)."""
     from mlflow.exceptions import MlflowException
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
-    creds = get_default_host_creds(tracking_uri)  # MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, ~/.mlflow/credentials
+    creds = get_default_host_creds(tracking_uri)
     try:
         resp = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", params={"max_results": 1},
                             max_retries=retries, backoff_factor=1, backoff_jitter=0, timeout=timeout,
                             raise_on_status=False)
     except MlflowException as e:
-        raise TrackingUnavailable(
-            f"the MLflow tracking server at {tracking_uri} is not reachable ({_root_cause(e)}); start it, or "
-            "point tracking.uri / MLFLOW_TRACKING_URI at one that runs. Nothing was started."
-        ) from None
+        raise TrackingUnavailable(_unreachable(tracking_uri, e)) from None
     if resp.status_code != 200:
         raise TrackingUnavailable(describe_refusal(tracking_uri, resp.status_code, creds.username, resp.text))
 
