@@ -227,9 +227,8 @@ def train_worker(config: dict[str, Any]) -> None:
     logger, run_id = None, None
     if rank == 0:
         from carousel.tracking.metrics import MetricLogger, last_logged_step
-        from carousel.tracking.store import client
-
         from carousel.tracking.runs import wait_for_mlflow_run
+        from carousel.tracking.store import client
 
         c = client(config["tracking_uri"])
         # `carousel train` opens the MLflow run while the workers start (launcher.py); tune trials
