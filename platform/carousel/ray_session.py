@@ -174,4 +174,3 @@ class BackgroundFit:
         if "error" in self._box:
             raise self._box["error"]
         return self._box["result"]
-

@@ -165,45 +165,40 @@ def require_tracking_server(tracking_uri: str, timeout: int = 5, retries: int = 
     """
     if not is_server_uri(tracking_uri):
         return
+    path, params = "/api/2.0/mlflow/experiments/search", {"max_results": 1}
     auth = server_auth()
-    if auth is None:
-        return _require_tracking_server_via_mlflow(tracking_uri, timeout, retries)
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.util.retry import Retry
+    if auth is None:  # auth only MLflow's own client can do (SigV4, plug-ins)
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
 
-    session = requests.Session()
-    session.mount(tracking_uri, HTTPAdapter(max_retries=Retry(total=retries, backoff_factor=1, raise_on_status=False)))
+        creds = get_default_host_creds(tracking_uri)
+        user, unreachable = creds.username, MlflowException
+
+        def get():
+            return http_request(creds, path, "GET", params=params, max_retries=retries, backoff_factor=1,
+                                backoff_jitter=0, timeout=timeout, raise_on_status=False)
+    else:
+        import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
+        session = requests.Session()
+        session.mount(tracking_uri, HTTPAdapter(max_retries=Retry(total=retries, backoff_factor=1, raise_on_status=False)))
+        user, unreachable = auth["user"], requests.RequestException
+
+        def get():
+            return session.get(f"{tracking_uri.rstrip('/')}{path}", params=params, auth=auth["auth"],
+                               headers=auth["headers"], verify=auth["verify"], cert=auth["cert"], timeout=timeout)
     try:
-        resp = session.get(f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
-                           auth=auth["auth"], headers=auth["headers"], verify=auth["verify"], cert=auth["cert"],
-                           timeout=timeout)
-    except requests.RequestException as e:
-        raise TrackingUnavailable(_unreachable(tracking_uri, e)) from None
+        resp = get()
+    except unreachable as e:
+        raise TrackingUnavailable(
+            f"the MLflow tracking server at {tracking_uri} is not reachable ({_root_cause(e)}); start it, or "
+            "point tracking.uri / MLFLOW_TRACKING_URI at one that runs. Nothing was started."
+        ) from None
     if resp.status_code != 200:
-        raise TrackingUnavailable(describe_refusal(tracking_uri, resp.status_code, auth["user"], resp.text))
-
-
-def _unreachable(tracking_uri: str, e: Exception) -> str:
-    return (f"the MLflow tracking server at {tracking_uri} is not reachable ({_root_cause(e)}); start it, or "
-            "point tracking.uri / MLFLOW_TRACKING_URI at one that runs. Nothing was started.")
-
-
-def _require_tracking_server_via_mlflow(tracking_uri: str, timeout: int, retries: int) -> None:
-    """The same check through MLflow's own client, for auth only it can do (SigV4, plug-ins)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request
-
-    creds = get_default_host_creds(tracking_uri)
-    try:
-        resp = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", params={"max_results": 1},
-                            max_retries=retries, backoff_factor=1, backoff_jitter=0, timeout=timeout,
-                            raise_on_status=False)
-    except MlflowException as e:
-        raise TrackingUnavailable(_unreachable(tracking_uri, e)) from None
-    if resp.status_code != 200:
-        raise TrackingUnavailable(describe_refusal(tracking_uri, resp.status_code, creds.username, resp.text))
+        raise TrackingUnavailable(describe_refusal(tracking_uri, resp.status_code, user, resp.text))
 
 
 def _root_cause(e: Exception) -> str:
