@@ -67,15 +67,6 @@ def test_excludes_drop_bulk_but_keep_every_package_file():
     assert repo_root(ROOT / "platform" / "carousel") == ROOT
 
 
-def test_driver_env_leaves_out_keys_the_job_already_sets(monkeypatch):
-    env = {"A": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    assert ray_session.job_compatible(env) == env
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
-                       json.dumps({"runtime_env": {"env_vars": {"MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}}}))
-    assert ray_session.job_compatible(env) == {"A": "1"}
-
-
 def test_token_sources_and_messages(monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))

@@ -19,6 +19,7 @@ from carousel.data.shards import DataError, Dataset
 from carousel.data.speech import ctc_need, ctc_violations, units_from_json
 from carousel.data.speech_batches import BucketLoader, SpeechBatch, SpeechSplit, plan_epoch, plan_eval, speaker_stats_table
 from carousel.models.ctc import CTCModel, greedy_decode
+from carousel.train.families import ranking_metric
 
 
 def error_counts(refs: list[str], hyps: list[str]) -> tuple[int, int, int, int]:
@@ -38,7 +39,7 @@ def check_speech_dataset(ds: Dataset, where: str) -> None:
 
 
 class CTCUnit:
-    metric = "val_cer"
+    metric = ranking_metric("ctc")
     rate_name = "frames_per_s"
     rate_unit = "frames/s"
 

@@ -1,4 +1,4 @@
-"""The driver side of `carousel train`: open the run, launch the TorchTrainer, publish the model."""
+"""The driver side of `carousel train`: open the run, launch the Ray Train trainer, publish the model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from carousel.config import JobSpec
 from carousel.data.shards import DataError, Dataset
-from carousel.data.streams import StreamLayout
+from carousel.data.layout import StreamLayout
 from carousel.ray_session import BackgroundFit, init_ray
 
 
@@ -31,9 +31,9 @@ class TrainOutcome:
 
 def ranking_metric(spec: JobSpec) -> str:
     """The validation metric the family's unit ranks checkpoints by (lower is better)."""
-    from carousel.train.units import unit_class
+    from carousel.train.families import ranking_metric as family_metric
 
-    return unit_class(spec.model.family).metric
+    return family_metric(spec.model.family)
 
 
 def preflight(spec: JobSpec) -> None:
@@ -51,12 +51,16 @@ def preflight(spec: JobSpec) -> None:
 
 
 def build_trainer(spec: JobSpec, run_name: str, train_loop_config: dict[str, Any], callbacks: list | None = None):
-    """The TorchTrainer of one run. ``callbacks``: Ray Train callbacks, e.g. carousel tune's
-    TuneReportCallback, which forwards each report of a trial's workers to Ray Tune."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    """The Ray Train trainer of one run. ``callbacks``: Ray Train callbacks, e.g. carousel tune's
+    TuneReportCallback, which forwards each report of a trial's workers to Ray Tune.
 
-    from carousel.train.loop import train_worker
+    It is Ray's DataParallelTrainer (what TorchTrainer is) with Carousel's torch-free backend
+    (process_group.py): building and running it loads no torch in this process or Train's controller."""
+    import ray.train
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from carousel.ray_session import worker_env
+    from carousel.train.process_group import ProcessGroupConfig, split_worker_env, train_worker
 
     s = spec.scaling
     use_gpu = s.gpus_per_worker > 0
@@ -64,10 +68,11 @@ def build_trainer(spec: JobSpec, run_name: str, train_loop_config: dict[str, Any
     if use_gpu:
         resources["GPU"] = s.gpus_per_worker
     storage = storage_uri(spec.run.storage_path)
-    return TorchTrainer(
+    at_start, env = split_worker_env(worker_env())
+    return DataParallelTrainer(
         train_worker,
         train_loop_config=train_loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        backend_config=ProcessGroupConfig(backend="nccl" if use_gpu else "gloo", env=env),
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=use_gpu,
@@ -84,6 +89,7 @@ def build_trainer(spec: JobSpec, run_name: str, train_loop_config: dict[str, Any
                 checkpoint_score_attribute=ranking_metric(spec),
                 checkpoint_score_order="min",
             ),
+            worker_runtime_env={"env_vars": at_start} if at_start else None,
         ),
     )
 

@@ -7,6 +7,7 @@ calls ``ray.train.report`` at the same steps (it is a barrier). Rank 0 alone tal
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -250,6 +251,8 @@ def train_worker(config: dict[str, Any]) -> None:
         params = sum(p.numel() for p in model.parameters())
         for line in unit.summary_lines(params, world):
             say(line)
+        # What reached this worker (train/process_group.py sets the policy before torch loads).
+        say(f"threads: {torch.get_num_threads()} per worker, OpenMP waits {os.environ.get('OMP_WAIT_POLICY', 'by default')}")
         if (warning := slow_precision_warning(t.precision, device)) is not None:
             say(warning)
         if warm:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from carousel.config import JobSpec
 from carousel.data.shards import Dataset
 from carousel.data.streams import StreamLoader
+from carousel.train.families import ranking_metric
 from carousel.models.lm import LanguageModel
 from carousel.models.recurrent import detach_state, flatten_state, unflatten_state
 
@@ -48,7 +49,7 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 class LMUnit:
-    metric = "val_ppl"
+    metric = ranking_metric("lm")
     rate_name = "tokens_per_s"
     rate_unit = "tok/s"
 

@@ -16,11 +16,11 @@ from typing import Any, Callable, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from carousel.config import JobSpec, SpecError, Strict, _format_error, apply_overrides, parse_override, read_yaml, spec_from_dict
+from carousel.train.families import VALIDATION_METRICS
 from carousel.tune.space import Dimension, Grid, fixed_field, with_values
 
 # What the training loop reports at every validation, per family (train/units.py, ctc_unit.py
 # split_metrics); all are lower-is-better. Tune sees these plus best_<ranking metric>.
-VALIDATION_METRICS = {"lm": ("val_ppl", "val_loss"), "ctc": ("val_cer", "val_wer", "val_loss")}
 # The product of candidate values checked together before the search starts; beyond it each
 # dimension is still checked alone (and every trial validates its own spec when it starts).
 MAX_COMBINATIONS = 4096

@@ -1,7 +1,7 @@
 """One trial: a Ray Tune function trainable that drives the same Ray Train + DeepSpeed run as `carousel train`.
 
 This is the pattern Ray documents for Train v2 under Tune: the trial is a light driver process
-(it holds no CPU; see runner.TRIAL_RESOURCES) that builds a TorchTrainer and calls ``fit()``; the
+(it holds no CPU; see runner.TRIAL_RESOURCES) that builds the Train trainer and calls ``fit()``; the
 Train workers take the CPUs. ``TuneReportCallback`` forwards every ``ray.train.report`` of the
 workers, i.e. every validation, to Tune, so the scheduler can stop a weak trial between two.
 
