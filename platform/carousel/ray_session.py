@@ -99,6 +99,43 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+# Read when a process opens a shard or the run's storage on an object store (pyarrow's S3 / GCS file
+# systems resolve credentials then): Ray Train's workers do it before any Carousel code runs there,
+# and `carousel prepare` in Ray tasks. These alone go to every process of the job, from its start.
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+               "AWS_REGION", "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def split_worker_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(object-store credentials: the job's runtime env, the rest: the train workers' backend sets it)."""
+    creds = {k: v for k, v in env.items() if k in CREDENTIALS}
+    return creds, {k: v for k, v in env.items() if k not in creds}
+
+
+def job_runtime_env() -> dict | None:
+    """The driver's runtime env: only the credentials it forwards, when there are any. A runtime env
+    sends every process of the job (Train's controller and helper actors, workers, tasks) through
+    Ray's runtime-env agent before it starts, ~1.2 s of start-up (docs/performance.md); the other
+    worker variables travel with the trainer's backend (train/process_group.py)."""
+    creds = job_compatible(split_worker_env(worker_env())[0])
+    return {"env_vars": creds} if creds else None
+
+
+def job_compatible(env: dict[str, str]) -> dict[str, str]:
+    """Inside a Ray job, leave out env vars the job's runtime_env already sets: Ray refuses to merge
+    a driver's runtime_env with the job's when they share a key (the job's value wins anyway)."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return env
+    try:
+        job_env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return env
+    return {k: v for k, v in env.items() if k not in job_env}
+
+
 def init_ray(address: str | None = None) -> bool:
     """Connect to the cluster at ``address`` (or RAY_ADDRESS), else start an embedded Ray.
     Returns True when this call started an embedded instance (nothing else will join it)."""
@@ -112,17 +149,15 @@ def init_ray(address: str | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    # No job-wide runtime_env: the workers' environment (worker_env) travels with the trainer's
-    # backend (train/process_group.py). A runtime env would send every process of the job through
-    # Ray's runtime-env agent before it starts: ~1.2 s of start-up (docs/performance.md).
+    runtime_env = job_runtime_env()
     if not address:
         # A fresh embedded instance ("local"): a bare ray.init() would attach to whatever cluster
         # `ray start` last left on this machine. Its dashboard (bound to 127.0.0.1) serves the
         # State API that Ray Train's controller monitoring queries.
-        ray.init(address="local", logging_level="WARNING")
+        ray.init(address="local", runtime_env=runtime_env, logging_level="WARNING")
         return True
     try:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
     except ConnectionError as e:
         hint = (
             "no Ray auth token found (set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or copy the cluster's "

@@ -67,6 +67,29 @@ def test_excludes_drop_bulk_but_keep_every_package_file():
     assert repo_root(ROOT / "platform" / "carousel") == ROOT
 
 
+def test_driver_env_leaves_out_keys_the_job_already_sets(monkeypatch):
+    env = {"A": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert ray_session.job_compatible(env) == env
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"env_vars": {"MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}}}))
+    assert ray_session.job_compatible(env) == {"A": "1"}
+
+
+def test_only_object_store_credentials_go_into_the_jobs_runtime_env(monkeypatch):
+    for k in ("AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert ray_session.job_runtime_env() is None  # nothing to forward: no runtime env at all
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    assert ray_session.job_runtime_env() == {"env_vars": {"AWS_ACCESS_KEY_ID": "k"}}
+    creds, rest = ray_session.split_worker_env(ray_session.worker_env())
+    assert creds == {"AWS_ACCESS_KEY_ID": "k"} and rest["OMP_WAIT_POLICY"] == "ACTIVE" and "AWS_ACCESS_KEY_ID" not in rest
+    # Inside a submitted job that already sets them, Ray would refuse a second value for the key.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"AWS_ACCESS_KEY_ID": "k"}}}))
+    assert ray_session.job_runtime_env() is None
+
+
 def test_token_sources_and_messages(monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))

@@ -8,9 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from carousel.train.process_group import (
-    ProcessGroupConfig, late_variables, pick_backend, split_worker_env,
-)
+from carousel.train.process_group import ProcessGroupConfig, late_variables, pick_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,15 +18,6 @@ def run_python(code: str, env: dict[str, str] | None = None) -> str:
                          env={**os.environ, **(env or {})}, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip().splitlines()[-1]
-
-
-def test_credentials_go_with_the_process_and_the_rest_with_the_backend():
-    env = {"AWS_ACCESS_KEY_ID": "k", "GOOGLE_APPLICATION_CREDENTIALS": "/c.json", "OMP_WAIT_POLICY": "PASSIVE",
-           "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    at_start, later = split_worker_env(env)
-    assert at_start == {"AWS_ACCESS_KEY_ID": "k", "GOOGLE_APPLICATION_CREDENTIALS": "/c.json"}
-    assert later == {"OMP_WAIT_POLICY": "PASSIVE", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    assert split_worker_env({"OMP_WAIT_POLICY": "PASSIVE"}) == ({}, {"OMP_WAIT_POLICY": "PASSIVE"})
 
 
 def test_a_variable_torch_already_read_is_reported_only_when_it_differs():

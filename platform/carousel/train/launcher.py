@@ -59,8 +59,8 @@ def build_trainer(spec: JobSpec, run_name: str, train_loop_config: dict[str, Any
     import ray.train
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from carousel.ray_session import worker_env
-    from carousel.train.process_group import ProcessGroupConfig, split_worker_env, train_worker
+    from carousel.ray_session import split_worker_env, worker_env
+    from carousel.train.process_group import ProcessGroupConfig, train_worker
 
     s = spec.scaling
     use_gpu = s.gpus_per_worker > 0
@@ -68,7 +68,7 @@ def build_trainer(spec: JobSpec, run_name: str, train_loop_config: dict[str, Any
     if use_gpu:
         resources["GPU"] = s.gpus_per_worker
     storage = storage_uri(spec.run.storage_path)
-    at_start, env = split_worker_env(worker_env())
+    _, env = split_worker_env(worker_env())  # the credentials are in the job's runtime env
     return DataParallelTrainer(
         train_worker,
         train_loop_config=train_loop_config,
@@ -89,7 +89,6 @@ def build_trainer(spec: JobSpec, run_name: str, train_loop_config: dict[str, Any
                 checkpoint_score_attribute=ranking_metric(spec),
                 checkpoint_score_order="min",
             ),
-            worker_runtime_env={"env_vars": at_start} if at_start else None,
         ),
     )
 

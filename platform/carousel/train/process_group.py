@@ -12,9 +12,9 @@ the worker. Only the orchestration (which backend, where rank 0 listens) is writ
 It also carries the workers' environment (``ray_session.worker_env``) and sets it first thing in
 every worker, before anything there loads torch, instead of a job-wide ``runtime_env``: a runtime
 env sends every process of the job (controller, Train's helper actors, workers) through Ray's
-runtime-env agent first, which measured ~1.2 s of start-up here. Variables that something reads
-before the backend starts (cloud credentials: Ray Train opens the run's storage when a worker
-joins) still travel in the workers' runtime env (``at_process_start``).
+runtime-env agent first, which measured ~1.2 s of start-up here. Object-store credentials, which
+Ray Train reads before the backend starts (it opens the run's storage when a worker joins), are
+the exception: they stay in the job's runtime env when given (``ray_session.job_runtime_env``).
 """
 
 from __future__ import annotations
@@ -30,18 +30,8 @@ from ray.train.v2._internal.util import TrainingFramework
 
 logger = logging.getLogger(__name__)
 
-# Read when a worker process opens the run's storage (pyarrow's S3 / GCS file systems resolve
-# credentials then), which Ray Train does before any backend code runs on that worker.
-AT_PROCESS_START = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                    "AWS_REGION", "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
 # Read once, when torch (libgomp) loads.
 READ_WHEN_TORCH_LOADS = ("OMP_WAIT_POLICY",)
-
-
-def split_worker_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """(what must be in a worker's environment when its process starts, what the backend sets)."""
-    at_start = {k: v for k, v in env.items() if k in AT_PROCESS_START}
-    return at_start, {k: v for k, v in env.items() if k not in at_start}
 
 
 def late_variables(env: dict[str, str], torch_loaded: bool, current: dict[str, str]) -> list[str]:
