@@ -4,6 +4,7 @@ Ray cluster, and reading the load average and workers' memory."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import signal
@@ -194,8 +195,13 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
     from mlflow.tracking import MlflowClient
 
     name = f"bench-{int(time.time() * 1000)}"
+    # A progress line (and a metric point) every gcd(warmup, warmup + steps) steps: the coarsest grid
+    # that still prints both ends of the measured window. A line per step cost a 2-worker run ~4 %
+    # of this machine (Ray forwards each line from the worker to the driver; docs/performance.md).
+    log_every = math.gcd(warmup, warmup + steps) or 1
     args = [str(BIN / "carousel"), "train", str(spec), "--set", f"data.path={data}",
             "--set", f"train.max_steps={warmup + steps + 1}", "--set", f"run.name={name}",
+            "--set", f"train.log_every={log_every}",
             "--set", f"run.storage_path={work / 'runs'}", *(extra or [])]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -251,8 +257,11 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
                        "idle": round(idle / (busy + idle), 3)}
         # The lines reach us through Ray's log forwarding, late by a varying fraction of a second:
         # count the steps finished between the two CPU readings by the metric timestamps rank 0
-        # wrote right after each step (same clock), not by the step numbers the lines carry.
-        done = sum(1 for m in history if ta * 1000 < m.timestamp <= tb * 1000)
+        # wrote right after each logged step (same clock), not by the step numbers the lines carry.
+        def steps_by(t: float) -> int:
+            return max((m.step for m in history if m.timestamp <= t * 1000), default=0)
+
+        done = steps_by(tb) - steps_by(ta)
     cpu = sum(threads.values()) if threads else float("nan")
     per_step = int(run.data.params.get("train.batch_size", 0)) * int(run.data.params.get("train.bptt", 0)) * \
         int(run.data.params.get("scaling.num_workers", 1))
