@@ -152,3 +152,18 @@ def leaf_summary(collapsed: str, top: int = 20, within: str = "") -> list[tuple[
         counts[stack.split(";")[-1]] += int(n)
         total += int(n)
     return [(frame, n / total) for frame, n in counts.most_common(top)] if total else []
+
+
+def steps_at(history, t: float) -> float:
+    """Steps finished at time ``t`` (s), interpolated between the logged steps' timestamps (ms):
+    ``history`` holds MLflow metric points (``.step``, ``.timestamp``), logged every few steps."""
+    points = sorted((m.timestamp / 1000, m.step) for m in history)
+    before = [p for p in points if p[0] <= t]
+    after = [p for p in points if p[0] > t]
+    if not before:
+        return 0.0
+    (t1, s1) = before[-1]
+    if not after:
+        return float(s1)
+    (t2, s2) = after[0]
+    return s1 + (s2 - s1) * (t - t1) / max(t2 - t1, 1e-9)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-from bench_math import vm_hwm_bytes
+from bench_math import steps_at, vm_hwm_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -200,7 +200,7 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
     # of this machine (Ray forwards each line from the worker to the driver; docs/performance.md).
     log_every = math.gcd(warmup, warmup + steps) or 1
     args = [str(BIN / "carousel"), "train", str(spec), "--set", f"data.path={data}",
-            "--set", f"train.max_steps={warmup + steps + 1}", "--set", f"run.name={name}",
+            "--set", f"train.max_steps={warmup + steps + log_every}", "--set", f"run.name={name}",
             "--set", f"train.log_every={log_every}",
             "--set", f"run.storage_path={work / 'runs'}", *(extra or [])]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -256,12 +256,11 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
                        "everything_else": round((busy - work_s) / (busy + idle), 3),
                        "idle": round(idle / (busy + idle), 3)}
         # The lines reach us through Ray's log forwarding, late by a varying fraction of a second:
-        # count the steps finished between the two CPU readings by the metric timestamps rank 0
-        # wrote right after each logged step (same clock), not by the step numbers the lines carry.
-        def steps_by(t: float) -> int:
-            return max((m.step for m in history if m.timestamp <= t * 1000), default=0)
-
-        done = steps_by(tb) - steps_by(ta)
+        # count the steps finished between the two CPU readings from the metric timestamps rank 0
+        # wrote right after each logged step (same clock), interpolated between logged steps, not
+        # from the step numbers the lines carry. One more logged step after the window keeps the
+        # last reading before the run's final validation and checkpoint.
+        done = steps_at(history, tb) - steps_at(history, ta)
     cpu = sum(threads.values()) if threads else float("nan")
     per_step = int(run.data.params.get("train.batch_size", 0)) * int(run.data.params.get("train.bptt", 0)) * \
         int(run.data.params.get("scaling.num_workers", 1))

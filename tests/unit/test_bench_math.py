@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from bench_math import (  # noqa: E402
+    steps_at,
     Goal,
     alternate,
     attainable_rate,
@@ -150,3 +151,14 @@ def test_leaf_summary_of_collapsed_stacks():
     assert leaf_summary(text) == [("lstm (rnn.py:1)", 0.6), ("mm (lm.py:2)", 0.4)]
     assert leaf_summary("") == []
     assert leaf_summary(text, within="train;") == [("lstm (rnn.py:1)", 6 / 9), ("mm (lm.py:2)", 3 / 9)]
+
+
+def test_steps_between_readings_are_interpolated_between_logged_steps():
+    from types import SimpleNamespace as P
+
+    history = [P(step=5, timestamp=10_000), P(step=10, timestamp=11_000), P(step=15, timestamp=12_000)]
+    assert steps_at(history, 9.0) == 0.0  # before anything was logged
+    assert steps_at(history, 10.0) == 5.0
+    assert steps_at(history, 10.5) == pytest.approx(7.5)  # halfway between steps 5 and 10
+    assert steps_at(history, 13.0) == 15.0  # after the last logged step: no more is known
+    assert steps_at(list(reversed(history)), 11.5) == pytest.approx(12.5)
