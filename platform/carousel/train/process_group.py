@@ -4,7 +4,7 @@ neither the driver nor Train's controller ever loads torch.
 Why not Ray's ``TorchConfig``: its module imports torch at the top, and Ray unpickles the config in
 the driver and in Train's controller, neither of which runs a tensor. Start-up is three Python
 processes in a row (driver, controller, worker), and torch plus ``ray.train.torch`` cost each of
-the first two ~2 s of a 2-core machine's first-step time (docs/performance.md, start-up). This
+the first two ~1.5 s of a 2-core machine's first-step time (docs/performance.md, start-up). This
 backend names Ray's own worker-side functions (process-group setup with its NCCL error handling
 and timeouts, torchrun's environment variables, shutdown) through wrappers that import them on
 the worker. Only the orchestration (which backend, where rank 0 listens) is written here.
