@@ -70,14 +70,21 @@ def auth_env_for(address: str | None) -> dict[str, str]:
     return {}
 
 
+# Read when a process opens a shard or the run's storage on an object store (pyarrow's S3 / GCS file
+# systems resolve credentials then): Ray Train's workers do it before any Carousel code runs there,
+# and `carousel prepare` in Ray tasks. These alone go to every process of the job, from its start.
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+               "AWS_REGION", "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
 def worker_env() -> dict[str, str]:
     env = {
         "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
         # Bound how long a dead tracking server can hold rank 0's background logger.
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
         "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
-        # Idle OpenMP threads sleep instead of spinning. libgomp reads this when torch loads, so it
-        # must be in the worker's environment from the start. Measured (docs/performance.md,
+        # Idle OpenMP threads sleep instead of spinning. libgomp reads this when torch loads, so
+        # the backend sets it in each worker before torch loads (train/process_group.py). Measured (docs/performance.md,
         # threads row): with 2 threads, spinning is ~30 % faster while the worker has its cores to
         # itself, but when anything else wants them (Ray's daemons, the driver, other workers or
         # jobs) a spinning thread starves the partner it waits for and steps run 2-5x slower, at
@@ -88,22 +95,12 @@ def worker_env() -> dict[str, str]:
     }
     # Workers read shards and write checkpoints with the driver's object-store credentials when it
     # has them (on clouds, node roles usually make these unnecessary).
-    forwarded = (
-        "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "DS_ACCELERATOR",
-        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-        "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS",
-    )
+    forwarded = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "DS_ACCELERATOR",
+                 *CREDENTIALS)
     for k in forwarded:
         if k in os.environ:
             env[k] = os.environ[k]
     return env
-
-
-# Read when a process opens a shard or the run's storage on an object store (pyarrow's S3 / GCS file
-# systems resolve credentials then): Ray Train's workers do it before any Carousel code runs there,
-# and `carousel prepare` in Ray tasks. These alone go to every process of the job, from its start.
-CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-               "AWS_REGION", "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
 def split_worker_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
