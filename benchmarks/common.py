@@ -289,8 +289,11 @@ class PrivateCluster:
         # Metrics exporters off, as `carousel cluster up` runs them (cluster/local.py process_env):
         # the cluster a user's `carousel train` meets, and less daemon CPU on 2 cores.
         from carousel.cluster.local import METRICS_OFF
+        from carousel.ray_session import ensure_token
 
+        ensure_token()  # token auth on, as cluster up runs it (`ray start` alone: only if a token exists)
         env = {**os.environ, "RAY_ADDRESS": self.address, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+               "RAY_AUTH_MODE": "token",
                "RAY_enable_metrics_collection": "0", "AUTOSCALER_METRIC_PORT": str(METRICS_OFF),
                "DASHBOARD_METRIC_PORT": str(METRICS_OFF)}
         self.head = subprocess.Popen(

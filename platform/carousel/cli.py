@@ -70,7 +70,7 @@ def prepare_text(
     from carousel.data.corpus import read_kjv, read_text_files
     from carousel.data.prepare import prepare_text as run
     from carousel.data.shards import DataError
-    from carousel.ray_session import init_ray
+    from carousel.ray_session import RayConnectionError, init_ray
 
     if kjv == bool(input):
         _fail("give exactly one source: --kjv or --input PATH")
@@ -82,7 +82,7 @@ def prepare_text(
             typer.secho(f"skipped {r['file']}:{r['line']}: {r['reason']}", fg=typer.colors.YELLOW, err=True)
         init_ray(address)
         res = run(corpus, str(out), tokenizer, vocab_size, str(tokenizer_file) if tokenizer_file else None, shard_lines, overwrite)
-    except DataError as e:
+    except (DataError, RayConnectionError) as e:
         _fail(str(e))
     m = res.manifest
     typer.echo(f"prepared {res.root} in {res.seconds:.1f}s: tokenizer {m.tokenizer['type']} ({m.tokenizer['vocab_size']} tokens)")
@@ -124,7 +124,7 @@ def prepare_speech(
     from carousel.data import speech as sp
     from carousel.data.corpus import read_kjv, read_text_files
     from carousel.data.shards import DataError
-    from carousel.ray_session import init_ray
+    from carousel.ray_session import RayConnectionError, init_ray
 
     if synthesize == bool(manifest):
         _fail("give exactly one source: --manifest FILE or --synthesize")
@@ -149,7 +149,7 @@ def prepare_speech(
             vocab = sp.BPEUnits.train([it.text for it in items["train"]], vocab_size, chars)
         init_ray(address)
         res = sp.prepare_speech(items, str(out), source, rejected, vocab, settings, shard_utts, overwrite)
-    except DataError as e:
+    except (DataError, RayConnectionError) as e:
         _fail(str(e))
     for r in res.rejected:
         where = r.get("where") or f"{r.get('file')}:{r.get('line')}"

@@ -1,9 +1,11 @@
 """Connecting to Ray: an embedded local instance, or a cluster at an address, with token auth kept on.
 
-Ray 2.60 turns token authentication on for the clusters it starts, but a driver that names an
-explicit address only sends a token when RAY_AUTH_MODE=token. Carousel drivers do what Ray's
-``address="auto"`` path does: when a token is available (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-~/.ray/auth_token) and the mode is unset, they authenticate with it.
+Ray 2.60 turns token authentication on for an embedded ``ray.init()``; ``ray start`` turns it on
+only when a token already exists (or RAY_AUTH_MODE=token), so `carousel cluster up` makes sure one
+does. A driver that names an explicit address only sends a token when RAY_AUTH_MODE=token.
+Carousel drivers do what Ray's ``address="auto"`` path does: when a token is available
+(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and the mode is unset, they
+authenticate with it, and refuse, with the fix, a cluster that runs without token auth.
 """
 
 from __future__ import annotations
@@ -68,6 +70,36 @@ def auth_env_for(address: str | None) -> dict[str, str]:
     if address and address != "auto" and "RAY_AUTH_MODE" not in os.environ and token_available():
         return {"RAY_AUTH_MODE": "token"}
     return {}
+
+
+def cluster_auth_mode(dashboard_url: str | None, timeout: float = 5) -> str | None:
+    """The cluster's token-auth mode as its dashboard reports it ("token" or "disabled"; the
+    endpoint needs no token), or None when there is no dashboard to ask."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    if not dashboard_url:
+        return None
+    url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+    try:
+        with urllib.request.urlopen(f"{url}/api/authentication_mode", timeout=timeout) as r:
+            return str(json.loads(r.read()).get("authentication_mode")) or None
+    except (urllib.error.URLError, OSError, ValueError, AttributeError):
+        return None
+
+
+def auth_mismatch(driver_mode: str | None, cluster_mode: str | None, address: str) -> str | None:
+    """Why this driver cannot use the cluster, or None. A driver in token mode on a cluster started
+    without token auth connects, but the raylet then calls the driver without a token, the driver
+    refuses, and Ray drops the job's actors as if their owner had died ("The actor never ran - it
+    was cancelled before it started running"): measured with Ray 2.60. Pure, tested alone."""
+    if (driver_mode or "").lower() != "token" or cluster_mode != "disabled":
+        return None
+    return (f"the Ray cluster at {address} runs without token authentication, and this driver authenticates "
+            f"with the token from {token_source() or 'RAY_AUTH_TOKEN'}: Ray cannot mix the two. Restart the cluster "
+            "with token auth (`carousel cluster up`, or `RAY_AUTH_MODE=token ray start ...` with the same token), "
+            "or run this driver without it (RAY_AUTH_MODE=disabled)")
 
 
 # Read when a process opens a shard or the run's storage on an object store (pyarrow's S3 / GCS file
@@ -154,13 +186,17 @@ def init_ray(address: str | None = None) -> bool:
         ray.init(address="local", runtime_env=runtime_env, logging_level="WARNING")
         return True
     try:
-        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
+        ctx = ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
     except ConnectionError as e:
         hint = (
             "no Ray auth token found (set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or copy the cluster's "
             "~/.ray/auth_token)" if not token_available() else "is the cluster up, and is the token its own?"
         )
         raise RayConnectionError(f"cannot connect to the Ray cluster at {address}: {hint} ({e})") from None
+    problem = auth_mismatch(os.environ.get("RAY_AUTH_MODE"), cluster_auth_mode(ctx.dashboard_url), address)
+    if problem:
+        ray.shutdown()
+        raise RayConnectionError(problem)
     return False
 
 

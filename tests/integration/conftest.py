@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,9 @@ def run(args, cwd=None, env=None, check=True, timeout=900):
     return proc
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """A real single-node Ray cluster (head only, 2 CPUs) for the whole session; yields its address.
+@contextmanager
+def ray_head(log_dir: Path, auth_mode: str = "token", num_cpus: int = 2):
+    """A real single-node Ray cluster (head only); yields its address.
 
     ``ray start --block`` in its own session, stopped with SIGTERM, tears down exactly the processes
     it started (``ray stop`` would kill every Ray cluster on the machine).
@@ -39,28 +40,36 @@ def ray_cluster(tmp_path_factory):
 
     from ray._private.services import get_node_ip_address
 
+    from carousel.ray_session import ensure_token
+
     port = free_port()
     # Ray drivers address the head by the node's IP (what `ray start` prints), not by loopback.
     address = f"{get_node_ip_address()}:{port}"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+    # Token auth on, as `carousel cluster up` starts it: `ray start` alone turns it on only when a
+    # token already exists. On a fresh machine (CI) it then ran without auth, and once a later test
+    # wrote ~/.ray/auth_token, every driver that found the token was dropped by the raylet.
+    if auth_mode == "token":
+        ensure_token()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": auth_mode,
            # Ray Train's PlacementGroupCleaner asks the State API with no address: without this it
            # finds whichever cluster started last on the machine and waits out a 12 s timeout at
            # the end of every run (as `carousel cluster up` does: local.process_env).
            "RAY_ADDRESS": address,
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # nothing to drain: stop in seconds, not 30
-    log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / "ray-start.log", "w")
     head = subprocess.Popen(
-        [str(BIN / "python"), "-m", "carousel.cluster.ray_node", "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         f"--dashboard-port={free_port()}", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-         f"--ray-client-server-port={free_port()}"],
+        [str(BIN / "python"), "-m", "carousel.cluster.ray_node", "start", "--head", "--block", f"--port={port}",
+         f"--num-cpus={num_cpus}", f"--dashboard-port={free_port()}", "--dashboard-host=127.0.0.1",
+         "--disable-usage-stats", f"--ray-client-server-port={free_port()}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    deadline = time.time() + 120
-    while "Ray runtime started" not in Path(log.name).read_text():
-        if head.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"ray start failed:\n{Path(log.name).read_text()[-4000:]}")
-        time.sleep(0.5)
     try:
+        deadline = time.time() + 120
+        while "Ray runtime started" not in Path(log.name).read_text():
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray start failed:\n{Path(log.name).read_text()[-4000:]}")
+            time.sleep(0.5)
         yield address
     finally:
         os.killpg(head.pid, signal.SIGTERM)
@@ -69,6 +78,13 @@ def ray_cluster(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """The session's cluster (head only, 2 CPUs, token auth); yields its address."""
+    with ray_head(tmp_path_factory.mktemp("ray")) as address:
+        yield address
 
 
 @pytest.fixture(scope="session")

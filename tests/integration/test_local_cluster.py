@@ -101,6 +101,22 @@ def test_wrong_token_is_refused_with_a_clear_message(cluster):
     assert "rejected the auth token from $RAY_AUTH_TOKEN" in proc.stderr
 
 
+def test_a_cluster_without_token_auth_is_refused_with_the_fix(tmp_path, kjv_tiny):
+    """A plain `ray start` on a machine with no token yet runs without auth; a driver that later finds
+    ~/.ray/auth_token used to connect, then lose its Train controller ("The actor never ran")."""
+    from conftest import ray_head
+
+    with ray_head(tmp_path / "ray", auth_mode="disabled", num_cpus=1) as address:
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_AUTH_MODE")}
+        env["RAY_ADDRESS"] = address
+        proc = run([BIN / "carousel", "train", JOB, "--set", f"data.path={kjv_tiny}", "--set",
+                    f"run.storage_path={tmp_path / 'runs'}"], cwd=tmp_path, env=env, check=False, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"the Ray cluster at {address} runs without token authentication" in proc.stderr
+    assert "RAY_AUTH_MODE=disabled" in proc.stderr and "starting run" not in proc.stdout
+    assert not (tmp_path / "runs").exists()  # refused before any run or checkpoint exists
+
+
 def test_tiny_job_runs_across_two_worker_nodes(cluster, data):
     env = cluster["env"]
     t0 = time.time()

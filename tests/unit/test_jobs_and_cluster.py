@@ -104,6 +104,46 @@ def test_token_sources_and_messages(monkeypatch, tmp_path):
     assert ray_session.token_source() == "$RAY_AUTH_TOKEN" and ray_session.read_token() == "abc"
 
 
+def test_a_token_driver_refuses_a_cluster_without_token_auth(monkeypatch, tmp_path):
+    """The mode comes from the dashboard's /api/authentication_mode (an HTTP server here answering as
+    Ray's does); a token driver on an auth-disabled cluster gets the fix, every other pair passes."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    modes = iter(["disabled", "token"])
+
+    class Dashboard(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"authentication_mode": next(modes)}).encode()
+            self.send_response(200 if self.path == "/api/authentication_mode" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Dashboard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"127.0.0.1:{server.server_address[1]}"  # as RayContext.dashboard_url gives it: no scheme
+    try:
+        assert ray_session.cluster_auth_mode(url) == "disabled"
+        assert ray_session.cluster_auth_mode(f"http://{url}") == "token"
+    finally:
+        server.shutdown()
+    assert ray_session.cluster_auth_mode(url, timeout=1) is None  # nobody there: not a verdict
+    assert ray_session.cluster_auth_mode("") is None  # a cluster without a dashboard
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    ray_session.ensure_token()
+    problem = ray_session.auth_mismatch("token", "disabled", "10.0.0.1:6379")
+    assert problem and "10.0.0.1:6379 runs without token authentication" in problem
+    assert str(tmp_path / "tok") in problem and "RAY_AUTH_MODE=disabled" in problem
+    for driver, cluster in [("token", "token"), ("token", None), ("disabled", "disabled"), (None, "disabled")]:
+        assert ray_session.auth_mismatch(driver, cluster, "h:1") is None, (driver, cluster)
+
+
 def _plan(tmp_path, **kw):
     ports = iter(range(20000, 20100))
     return local.plan(local.ClusterConfig(**kw), tmp_path / "state", "10.0.0.5", port=lambda: next(ports))

@@ -80,8 +80,12 @@ def tune(
         require_tracking_server(uri)
     except TrackingUnavailable as e:
         _fail(str(e))
+    from carousel.ray_session import RayConnectionError
+
     try:
         outcome = run_search(search, address, uri, resume_record=record)
+    except RayConnectionError as e:  # nothing started
+        _fail(str(e))
     except (SearchError, SpecError) as e:
         _fail(str(e), 1)
 
