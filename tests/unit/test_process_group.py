@@ -58,11 +58,11 @@ def test_driver_and_controller_load_no_torch(tmp_path):
     make_dataset(tmp_path / "data", {s: [[list(range(400))]] for s in ("train", "valid", "test")})
     code = f"""
         import sys, cloudpickle
-        from carousel.config import load_spec
-        from carousel.train.launcher import build_trainer, preflight
-        spec = load_spec("jobs/lm-kjv-tiny.yaml", ["data.path={tmp_path / 'data'}", "run.storage_path={tmp_path / 'runs'}",
-                                                  "train.batch_size=2", "train.bptt=8"])
-        preflight(spec)
+        from pathlib import Path
+        from carousel.cli import _load  # what `carousel train JOB --set ...` runs before Ray starts
+        from carousel.train.launcher import build_trainer
+        spec = _load(Path("jobs/lm-kjv-tiny.yaml"), ["data.path={tmp_path / 'data'}", "run.storage_path={tmp_path / 'runs'}",
+                                                     "train.batch_size=2", "train.bptt=8"])
         trainer = build_trainer(spec, "r", {{"spec": spec.model_dump(mode="json")}})
         sent = cloudpickle.dumps((trainer.backend_config, trainer.train_loop_per_worker))
         print(len(sent), "torch" in sys.modules)

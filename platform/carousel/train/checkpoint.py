@@ -22,10 +22,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# torch is imported where a function needs it: the driver reads checkpoints' metadata (meta.json,
+# manifests) and never loads torch (docs/performance.md, start-up).
 ENGINE_DIR = "engine"
 MODEL_DIR = "model"
 META = "meta.json"
@@ -122,6 +125,8 @@ def save(
     export: dict[str, Any] | None,
 ) -> None:
     """Collective: every rank calls it with its own (local) ``root``."""
+    import torch
+
     engine.save_checkpoint(str(root / ENGINE_DIR), tag=tag, save_latest=False)
     torch.save(rank_state, root / f"rank-{rank}.pt")
     if rank == 0:
@@ -140,10 +145,14 @@ def load_rank_state(root: Path, rank: int) -> dict[str, Any]:
     p = root / f"rank-{rank}.pt"
     if not p.exists():
         raise CheckpointError(f"{p}: missing; was the checkpoint written by a different number of workers?")
+    import torch
+
     # weights_only: a checkpoint is data, never code.
     return torch.load(p, map_location="cpu", weights_only=True)
 
 
 def export_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """fp32 CPU copy of the weights (tied tensors appear under both names, as state_dict has them)."""
+    import torch
+
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
