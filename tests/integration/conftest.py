@@ -105,10 +105,30 @@ def kjv_tiny(tmp_path_factory, cluster_env):
     return out
 
 
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store, created once by MLflow itself. Creating one runs MLflow's schema
+    migrations, 2-3 s on a quiet 2-core machine and more while Ray starts workers beside it, and
+    almost every test here starts from an empty store; a copy of this one is the same store."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def with_empty_store(directory: Path, template: Path) -> Path:
+    """``directory`` with an empty MLflow store (./mlflow.db, where `carousel train` looks by default)."""
+    import shutil
+
+    shutil.copyfile(template, directory / "mlflow.db")
+    return directory
+
+
 @pytest.fixture
-def workdir(tmp_path):
-    """A fresh working directory: its own MLflow store (./mlflow.db) and run storage."""
-    return tmp_path
+def workdir(tmp_path, mlflow_store_template):
+    """A fresh working directory: its own, empty MLflow store (./mlflow.db) and run storage."""
+    return with_empty_store(tmp_path, mlflow_store_template)
 
 
 def tracking_client(workdir):

@@ -5,15 +5,15 @@ import math
 
 import pytest
 
-from conftest import BIN, ROOT, run, tracking_client
+from conftest import BIN, ROOT, run, tracking_client, with_empty_store
 
 pytestmark = pytest.mark.integration
 JOB = ROOT / "jobs" / "lm-kjv-tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, kjv_tiny, cluster_env):
-    work = tmp_path_factory.mktemp("e2e")
+def trained(tmp_path_factory, kjv_tiny, cluster_env, mlflow_store_template):
+    work = with_empty_store(tmp_path_factory.mktemp("e2e"), mlflow_store_template)
     proc = run([BIN / "carousel", "train", JOB, "--set", f"data.path={kjv_tiny}", "--set", "run.storage_path=runs"],
                cwd=work, env=cluster_env)
     return work, proc.stdout + proc.stderr

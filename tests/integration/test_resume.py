@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, ROOT, run, tracking_client
+from conftest import BIN, ROOT, run, tracking_client, with_empty_store
 
 pytestmark = pytest.mark.integration
 JOB = ROOT / "jobs" / "lm-kjv-tiny.yaml"
@@ -20,9 +20,9 @@ WORKER_STEP = re.compile(r"RayTrainWorker pid=(\d+)\).*step\s+(\d+)/")
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, kjv_tiny, cluster_env):
+def straight_run(tmp_path_factory, kjv_tiny, cluster_env, mlflow_store_template):
     """The uninterrupted reference run: (its working directory, {step: train loss})."""
-    workdir = tmp_path_factory.mktemp("straight")
+    workdir = with_empty_store(tmp_path_factory.mktemp("straight"), mlflow_store_template)
     run([BIN / "carousel", "train", JOB, *COMMON, "--set", f"data.path={kjv_tiny}", "--set", "run.name=straight"],
         cwd=workdir, env=cluster_env)
     return workdir, losses(tracking_client(workdir), "straight")[1]

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, ROOT, run, tracking_client
+from conftest import BIN, ROOT, run, tracking_client, with_empty_store
 
 pytestmark = pytest.mark.integration
 JOB = ROOT / "jobs" / "asr-flite-tiny.yaml"
@@ -45,8 +45,8 @@ def char_lm_dir(directory):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, asr_tiny, cluster_env):
-    work = tmp_path_factory.mktemp("asr")
+def trained(tmp_path_factory, asr_tiny, cluster_env, mlflow_store_template):
+    work = with_empty_store(tmp_path_factory.mktemp("asr"), mlflow_store_template)
     lm = char_lm_dir(work / "lm")
     proc = run([BIN / "carousel", "train", JOB, "--set", f"data.path={asr_tiny}", "--set", "speech.normalization=speaker",
                 "--set", "speech.decoder=beam", "--set", "speech.beam_width=4", "--set", f"speech.lm={lm}",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, ROOT, run, tracking_client
+from conftest import BIN, ROOT, run, tracking_client, with_empty_store
 
 pytestmark = pytest.mark.integration
 GOOD, WEAK = [1.0e-2, 5.0e-3], [1.0e-5, 1.0e-6]
@@ -51,8 +51,8 @@ def steps(client, run_id, key):
 
 
 @pytest.fixture(scope="module")
-def asha(tmp_path_factory, kjv_tiny, cluster_env):
-    work = tmp_path_factory.mktemp("tune-asha")
+def asha(tmp_path_factory, kjv_tiny, cluster_env, mlflow_store_template):
+    work = with_empty_store(tmp_path_factory.mktemp("tune-asha"), mlflow_store_template)
     spec = write_spec(work, kjv_tiny, "asha", {"train.lr": {"grid": GOOD + WEAK}},
                       {"kind": "asha", "grace_period": 10, "reduction_factor": 2}, steps=30)
     t0 = time.time()
