@@ -49,7 +49,8 @@ class PlainLM:
     and masks.
     """
 
-    def __init__(self, data: str, threads: int, precision: str = "fp32", overrides: list[str] | None = None):
+    def __init__(self, data: str, threads: int, precision: str = "fp32", overrides: list[str] | None = None,
+                 rank: int = 0, world: int = 1):
         import torch
 
         from carousel.config import load_spec
@@ -75,7 +76,9 @@ class PlainLM:
             self.compute = copy.deepcopy(self.model).to(torch.bfloat16)  # tied weights stay tied
         self.opt = _optimizer(self.model, spec)
         self.sched = build_scheduler(self.opt, t)
-        self.loader = StreamLoader(self.dataset, spec.data.train_split, 0, 1, t.batch_size, t.bptt)
+        # With world > 1 (torch.distributed initialized): this rank's streams, as a Carousel worker reads them.
+        self.rank, self.world = rank, world
+        self.loader = StreamLoader(self.dataset, spec.data.train_split, rank, world, t.batch_size, t.bptt)
         self.tokens_per_step = t.batch_size * t.bptt
         self.state = None
         self._rng = torch.get_rng_state()
@@ -101,6 +104,14 @@ class PlainLM:
         self.opt.zero_grad(set_to_none=True)
         self.compute.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:  # data parallel: one flat all-reduce of the mean gradient (DeepSpeed ZeRO 0's way)
+            from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+            grads = [p.grad for p in self.compute.parameters() if p.grad is not None]
+            flat = _flatten_dense_tensors(grads).div_(self.world)
+            torch.distributed.all_reduce(flat)
+            for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(r)
         if self.compute is not self.model:  # bf16 grads -> fp32 master, update, copy back
             for master, low in zip(self.model.parameters(), self.compute.parameters()):
                 master.grad = low.grad.float()
@@ -134,9 +145,10 @@ class PlainLM:
         return total / n
 
 
-def plain_loop(data: str, steps: int, warmup: int, threads: int, logger=None, precision: str = "fp32") -> dict:
+def plain_loop(data: str, steps: int, warmup: int, threads: int, logger=None, precision: str = "fp32",
+               rank: int = 0, world: int = 1) -> dict:
     """``warmup + steps`` plain steps; medians of the steady ones."""
-    lm = PlainLM(data, threads, precision)
+    lm = PlainLM(data, threads, precision, rank=rank, world=world)
     times, waits = [], []
     cpu0 = None
     for step in range(warmup + steps):
@@ -170,6 +182,28 @@ def plain_process(data: str, steps: int, warmup: int, threads: int, env: dict[st
     if out.returncode:
         raise RuntimeError(f"plain loop failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def plain_data_parallel(data: str, steps: int, warmup: int, world: int) -> dict:
+    """plain_loop on ``world`` fresh processes x 1 thread, torch.distributed (gloo) with no Ray: what
+    data parallelism reaches on this machine with nothing else running. Global tokens/s from the
+    slowest rank's median step (every step waits for the all-reduce)."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    from conftest import free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
+    procs = [subprocess.Popen([sys.executable, __file__, "plain-ddp", data, str(steps), str(warmup), str(r), str(world)],
+                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for r in range(world)]
+    outs = [p.communicate() for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError("plain data-parallel run failed:\n" + "\n".join(err[-2000:] for _, err in outs))
+    ranks = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    step_s = max(r["step_s"] for r in ranks)
+    return {"step_s": step_s, "tokens_per_s": world * ranks[0]["tokens_per_s"] * ranks[0]["step_s"] / step_s,
+            "tokens_per_cpu_s": world / sum(1 / r["tokens_per_cpu_s"] for r in ranks)}
 
 
 # ------------------------------------------------------------------ Carousel itself
@@ -430,3 +464,19 @@ if __name__ == "__main__" and sys.argv[1:2] == ["plain"]:
 
     _data, _steps, _warmup, _threads = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     print(json.dumps(plain_loop(_data, _steps, _warmup, _threads)))
+
+if __name__ == "__main__" and sys.argv[1:2] == ["plain-ddp"]:
+    import json
+
+    _data, _steps, _warmup, _rank, _world = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from carousel.ray_session import worker_env
+
+    os.environ.update({k: v for k, v in worker_env().items() if k.startswith(("OMP_", "GOMP_"))})  # before torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=_rank, world_size=_world)
+    try:
+        print(json.dumps(plain_loop(_data, _steps, _warmup, 1, rank=_rank, world=_world)))
+    finally:
+        dist.destroy_process_group()

@@ -4,12 +4,17 @@ same cores used by intra-op threads instead). Same per-worker batch, a running p
 sides alternated; the load average is recorded because on a shared 2-core machine it, not
 Carousel, decides the first ratio. Tokens per CPU-second of the workers show what data
 parallelism costs in work (gradient all-reduce, a second process) independently of the load, and
-the split of the whole machine's CPU during the 2 x 1 steps shows what the workers did not get."""
+the split of the whole machine's CPU during the 2 x 1 steps shows what the workers did not get.
+
+The same model, data and steps in plain PyTorch processes with torch.distributed (gloo) and no Ray,
+1 x 1 and 2 x 1, alternated with the Carousel sides, give this machine's own ceiling for the ratio:
+what two processes reach on two cores shared with nothing but the OS and the benchmark's Ray
+cluster, idle meanwhile (its daemons wake as they do under `carousel cluster up`)."""
 
 from __future__ import annotations
 
 from bench_math import Goal, alternate, ratio, spread
-from common import carousel_train, load_avg
+from common import carousel_train, load_avg, plain_data_parallel, plain_process
 
 SHAPES = {"1x1": (1, 1), "2x1": (2, 1), "1x2": (1, 2)}
 
@@ -38,9 +43,22 @@ def run(ctx) -> dict:
 
         return go
 
-    s = alternate({k: side(k, *v) for k, v in SHAPES.items()}, ctx.rounds)
+    def plain(workers: int):
+        def go() -> float:
+            r = (plain_data_parallel(ctx.data, ctx.scaling_steps, ctx.warmup, workers) if workers > 1
+                 else plain_process(ctx.data, ctx.scaling_steps, ctx.warmup, threads=1))
+            cpu[f"plain {workers}x1"].append(r["tokens_per_cpu_s"])
+            return r["tokens_per_s"]
+
+        return go
+
+    cpu.update({"plain 1x1": [], "plain 2x1": []})
+    sides = {k: side(k, *v) for k, v in SHAPES.items()}
+    sides.update({"plain 1x1": plain(1), "plain 2x1": plain(2)})
+    s = alternate(sides, ctx.rounds)
     m = {k: spread(v) for k, v in s.items()}
     c = {k: spread(v) for k, v in cpu.items()}
+    plain_ratio = m["plain 2x1"]["median"] / m["plain 1x1"]["median"]
     return {
         "tokens_per_s": m,
         "tokens_per_cpu_s": c,
@@ -49,6 +67,11 @@ def run(ctx) -> dict:
         "ratios": [
             ratio("scaling 2x1/1x1", m["2x1"]["median"] / m["1x1"]["median"], Goal(">=", 1.8),
                   f"{m['2x1']['median']:.0f} / {m['1x1']['median']:.0f} tok/s (2 workers x 1 thread / 1 x 1)"),
+            ratio("scaling plain 2x1/1x1", plain_ratio, None,
+                  f"{m['plain 2x1']['median']:.0f} / {m['plain 1x1']['median']:.0f} tok/s (plain PyTorch + gloo, no Ray: "
+                  "this machine's ceiling for the ratio)"),
+            ratio("scaling 2x1/1x1 of plain's", m["2x1"]["median"] / m["1x1"]["median"] / plain_ratio, None,
+                  "Carousel's 2x1/1x1 / plain's 2x1/1x1: what Ray and Carousel keep of the machine's scaling"),
             ratio("scaling 2x1/1x2", m["2x1"]["median"] / m["1x2"]["median"], None,
                   f"{m['2x1']['median']:.0f} / {m['1x2']['median']:.0f} tok/s (2 workers x 1 thread / 1 x 2)"),
             ratio("scaling 2x1/1x1 CPU-s", c["2x1"]["median"] / c["1x1"]["median"], None,

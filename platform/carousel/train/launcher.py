@@ -62,6 +62,12 @@ def build_trainer(spec: JobSpec, run_name: str, train_loop_config: dict[str, Any
     from carousel.ray_session import split_worker_env, worker_env
     from carousel.train.process_group import ProcessGroupConfig, train_worker
 
+    # How often Train's controller polls the workers (Ray's default 2 s), read from this process's
+    # environment when the run starts. The loop trains on after a checkpoint only once the controller
+    # has committed it, which it does at a poll: measured on a tiny 2-worker run, each checkpoint
+    # stalled training 3-4 s at 2 s and 1-1.4 s at 1 s, and the run's end came 4-5 s sooner; the
+    # controller's polls cost ~0.1 % of a 2-core machine more. A value the user set is kept.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
     s = spec.scaling
     use_gpu = s.gpus_per_worker > 0
     resources = {"CPU": s.cpus_per_worker}

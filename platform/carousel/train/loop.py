@@ -310,88 +310,91 @@ def train_worker(config: dict[str, Any]) -> None:
         # (or step 0), so training goes on only after Ray Train has committed this one.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
-    engine.train()
-    stage0_norm = float("nan")
-    window_t0, window_loss, window_steps, window_work = time.time(), 0.0, 0, 0
-    run_t0, run_step0 = time.time(), step
-    drill = set(t.inject_nonfinite_steps)
-    while step < t.max_steps:
-        skipped_before, dropped = engine.skipped_steps, False
-        step_loss = 0.0
-        for micro in range(t.grad_accum):
-            loss, work = unit.train_loss(engine, loader.next())
-            if step + 1 in drill:
-                loss = loss * float("nan")
-            window_work += work  # tokens or frames: what the throughput counts
-            norm, drop = backward_and_step(engine, loss, t, boundary=micro == t.grad_accum - 1)
-            if norm is not None:
-                stage0_norm, dropped = norm, dropped or drop
-            step_loss = step_loss + loss.detach().float() / t.grad_accum  # no host sync per step
-        step += 1
-        skipped = dropped or engine.skipped_steps > skipped_before
-        guard.observe(step, skipped)
-        if skipped:
-            if rank == 0:
-                say(f"step {step}: NaN/Inf loss or gradient; update skipped ({guard.in_a_row} in a row, {guard.total} in all)")
-        else:
-            window_loss = window_loss + step_loss
-            window_steps += 1
-        last = step == t.max_steps
-        halt = step == t.halt_at_step
-
-        if step % t.log_every == 0 or last or halt:
-            unit_mean = float(window_loss) / window_steps if window_steps else float("nan")
-            total_work = float(window_work)
-            if world > 1:
-                import torch.distributed as dist
-
-                tl = torch.tensor([unit_mean, total_work], dtype=torch.float64)
-                dist.all_reduce(tl)
-                unit_mean, total_work = float(tl[0]) / world, float(tl[1])
-            if rank == 0:
-                elapsed = time.time() - window_t0
-                per_s = total_work / max(elapsed, 1e-9)
-                lr = engine.get_lr()[0]
-                rate = (step - run_step0) / max(time.time() - run_t0, 1e-9)
-                extra = unit.train_metrics(unit_mean) if window_steps else {}
-                point = {"lr": lr, "nonfinite_skipped": guard.total, unit.rate_name: per_s}
-                if window_steps:  # a window of skipped steps has no loss worth charting
-                    grad_norm = stage0_norm if t.zero_stage == 0 else float(engine.get_global_grad_norm())
-                    point.update({"train_loss": unit_mean, **extra, "grad_norm": grad_norm})
-                logger.log(point, step)
-                say(progress_line(step, t.max_steps, unit_mean, extra.get("train_ppl"), lr, per_s,
-                                  (t.max_steps - step) / max(rate, 1e-9), unit.rate_unit))
-            window_t0, window_loss, window_steps, window_work = time.time(), 0.0, 0, 0
-
-        checkpoint_now = step % spec.run.checkpoint_every == 0 or last or halt
-        if step % t.eval_every == 0 or checkpoint_now:
-            val = unit.split_metrics("val", evaluate(spec.data.valid_split, t.eval_batches))
-            metrics: dict[str, Any] = {"step": step, **val}
-            if not best or val[metric] < best[metric]:
-                best = {metric: val[metric], "step": step}
-            metrics[f"best_{metric}"] = best[metric]
-            if rank == 0:
-                logger.log({**val, f"best_{metric}": best[metric]}, step)
-                say(f"step {step}: validation {unit.describe(val, 'val')}")
-            if last:
-                # Ray Train's Result carries the metrics of the latest checkpoint: the final test
-                # figures must travel with the final checkpoint.
-                test = unit.split_metrics("test", evaluate(spec.data.test_split, None))
-                metrics.update(test)
+    # Rank 0's metric points go out every 2 s from a background thread: a run that stops with an
+    # error (NaN steps in a row, a corrupt shard) still sends what it logged before it ends.
+    try:
+        engine.train()
+        stage0_norm = float("nan")
+        window_t0, window_loss, window_steps, window_work = time.time(), 0.0, 0, 0
+        run_t0, run_step0 = time.time(), step
+        drill = set(t.inject_nonfinite_steps)
+        while step < t.max_steps:
+            skipped_before, dropped = engine.skipped_steps, False
+            step_loss = 0.0
+            for micro in range(t.grad_accum):
+                loss, work = unit.train_loss(engine, loader.next())
+                if step + 1 in drill:
+                    loss = loss * float("nan")
+                window_work += work  # tokens or frames: what the throughput counts
+                norm, drop = backward_and_step(engine, loss, t, boundary=micro == t.grad_accum - 1)
+                if norm is not None:
+                    stage0_norm, dropped = norm, dropped or drop
+                step_loss = step_loss + loss.detach().float() / t.grad_accum  # no host sync per step
+            step += 1
+            skipped = dropped or engine.skipped_steps > skipped_before
+            guard.observe(step, skipped)
+            if skipped:
                 if rank == 0:
-                    logger.log(test, step)
-                    say(f"test {unit.describe(test, 'test')}")
-            metrics["halted"] = halt
-            if checkpoint_now:
-                save_and_report(metrics)
+                    say(f"step {step}: NaN/Inf loss or gradient; update skipped ({guard.in_a_row} in a row, {guard.total} in all)")
             else:
-                ray.train.report(metrics)
-            # Throughput and ETA measure training, not evaluation or checkpoint writing.
-            window_t0 = time.time()
-        if halt:
-            break
+                window_loss = window_loss + step_loss
+                window_steps += 1
+            last = step == t.max_steps
+            halt = step == t.halt_at_step
 
-    if rank == 0:
-        if monitor is not None:
-            monitor.finish()
-        logger.close()
+            if step % t.log_every == 0 or last or halt:
+                unit_mean = float(window_loss) / window_steps if window_steps else float("nan")
+                total_work = float(window_work)
+                if world > 1:
+                    import torch.distributed as dist
+
+                    tl = torch.tensor([unit_mean, total_work], dtype=torch.float64)
+                    dist.all_reduce(tl)
+                    unit_mean, total_work = float(tl[0]) / world, float(tl[1])
+                if rank == 0:
+                    elapsed = time.time() - window_t0
+                    per_s = total_work / max(elapsed, 1e-9)
+                    lr = engine.get_lr()[0]
+                    rate = (step - run_step0) / max(time.time() - run_t0, 1e-9)
+                    extra = unit.train_metrics(unit_mean) if window_steps else {}
+                    point = {"lr": lr, "nonfinite_skipped": guard.total, unit.rate_name: per_s}
+                    if window_steps:  # a window of skipped steps has no loss worth charting
+                        grad_norm = stage0_norm if t.zero_stage == 0 else float(engine.get_global_grad_norm())
+                        point.update({"train_loss": unit_mean, **extra, "grad_norm": grad_norm})
+                    logger.log(point, step)
+                    say(progress_line(step, t.max_steps, unit_mean, extra.get("train_ppl"), lr, per_s,
+                                      (t.max_steps - step) / max(rate, 1e-9), unit.rate_unit))
+                window_t0, window_loss, window_steps, window_work = time.time(), 0.0, 0, 0
+
+            checkpoint_now = step % spec.run.checkpoint_every == 0 or last or halt
+            if step % t.eval_every == 0 or checkpoint_now:
+                val = unit.split_metrics("val", evaluate(spec.data.valid_split, t.eval_batches))
+                metrics: dict[str, Any] = {"step": step, **val}
+                if not best or val[metric] < best[metric]:
+                    best = {metric: val[metric], "step": step}
+                metrics[f"best_{metric}"] = best[metric]
+                if rank == 0:
+                    logger.log({**val, f"best_{metric}": best[metric]}, step)
+                    say(f"step {step}: validation {unit.describe(val, 'val')}")
+                if last:
+                    # Ray Train's Result carries the metrics of the latest checkpoint: the final test
+                    # figures must travel with the final checkpoint.
+                    test = unit.split_metrics("test", evaluate(spec.data.test_split, None))
+                    metrics.update(test)
+                    if rank == 0:
+                        logger.log(test, step)
+                        say(f"test {unit.describe(test, 'test')}")
+                metrics["halted"] = halt
+                if checkpoint_now:
+                    save_and_report(metrics)
+                else:
+                    ray.train.report(metrics)
+                # Throughput and ETA measure training, not evaluation or checkpoint writing.
+                window_t0 = time.time()
+            if halt:
+                break
+    finally:
+        if rank == 0:
+            if monitor is not None:
+                monitor.finish()
+            logger.close()
