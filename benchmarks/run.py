@@ -11,7 +11,7 @@ Rows (one module each under benchmarks/rows/; docs/performance.md explains how t
             frames/s and padding efficiency
   tracking  step time with the MetricLogger on / off
   startup   `carousel train` to its first step, Ray already up and embedded
-  scaling   2 workers x 1 thread / 1 x 1, and / 1 x 2
+  scaling   2 workers x 1 thread / 1 x 1, and / 1 x 2; plain torch.distributed 2 x 1 / 1 x 1 beside it
   memory    peak RSS per worker for ZeRO 0/1/2 x fp32/bf16 on 2 workers
 
 Sides are alternated and medians reported with their range, because the machine is shared: the
