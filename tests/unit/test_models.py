@@ -101,3 +101,20 @@ def test_greedy_sampling_is_deterministic_and_sampling_respects_top_k():
 def test_flops_per_token_formula():
     m = LanguageModel(ModelConfig(layers=2, hidden=10, embed=10), 7)
     assert m.flops_per_token() == 3 * (2 * (8 * 10 * 20) + 2 * 10 * 7)
+
+
+def test_generate_text_mid_training_leaves_the_mode_and_the_rng_alone():
+    """Rank 0 writes sample generations into every checkpoint: that must not change training."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from carousel.models.lm import generate_text
+
+    words = ["<eos>", "in", "the", "beginning", "god", "created", "heaven", "and", "earth"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    torch.manual_seed(0)
+    m = LanguageModel(ModelConfig(hidden=16, embed=16, dropout=0.5), len(words)).train()
+    before = torch.get_rng_state()
+    a = generate_text(m, tok, "in the", 12, temperature=0.8, top_k=5, seed=3)
+    assert m.training and torch.equal(torch.get_rng_state(), before)
+    assert a.startswith("in the") and a == generate_text(m, tok, "in the", 12, temperature=0.8, top_k=5, seed=3)

@@ -80,6 +80,23 @@ class LanguageModel(nn.Module):
         return 3 * total
 
 
+def generate_text(model: LanguageModel, tokenizer, prompt: str, max_tokens: int, temperature: float = 0.8,
+                  top_k: int | None = 40, seed: int = 0) -> str:
+    """``prompt`` and its continuation by ``model`` (a ``tokenizers.Tokenizer``; <eos> becomes a
+    newline). The model's train/eval mode is left as it was: rank 0 calls this mid-training."""
+    from carousel.data.tokenizer import decode, eos_id
+
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [eos_id(tokenizer)]
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    try:
+        out = sample(model, ids, max_tokens, temperature, top_k, g)
+    finally:
+        model.train(was_training)
+    return prompt + decode(tokenizer, out)
+
+
 @torch.no_grad()
 def sample(
     model: LanguageModel,

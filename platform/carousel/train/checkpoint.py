@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # manifests) and never loads torch (docs/performance.md, start-up).
 ENGINE_DIR = "engine"
 MODEL_DIR = "model"
+SAMPLES = "samples.json"  # in model/: the LM's sample generations at that step (a JSON list)
 META = "meta.json"
 
 

@@ -128,7 +128,7 @@ class CTCUnit:
             f"steps: {t.max_steps}; precision {t.precision}, ZeRO {t.zero_stage}",
         ]
 
-    def export(self) -> dict[str, Any]:
+    def export(self, module) -> dict[str, Any]:
         return {
             "model": {
                 "family": "ctc",

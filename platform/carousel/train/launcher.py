@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -239,15 +240,22 @@ def publish_model(spec: JobSpec, tracking_uri: str, run_id: str, checkpoint_path
         return publish_asr(spec, tracking_uri, run_id, checkpoint_path, metrics)
 
     from carousel.train import checkpoint as ckpt
-    from carousel.tracking.lm_model import LoadedLM, log_and_register
+    from carousel.tracking.lm_model import log_and_register
 
     ckpt.verify(checkpoint_path, ckpt.read_meta(checkpoint_path)["world_size"])
     meta = ckpt.read_meta(checkpoint_path)
     model_dir = str(Path(checkpoint_path) / ckpt.MODEL_DIR)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    lm = LoadedLM(model_dir)
-    samples = [lm.generate(p, spec.tracking.sample_tokens, temperature=0.8, top_k=40, seed=spec.seed) for p in spec.tracking.sample_prompts]
+    samples_at = Path(model_dir) / ckpt.SAMPLES
+    if samples_at.exists():  # rank 0 wrote them with the checkpoint: no model is loaded here
+        samples = json.loads(samples_at.read_text(encoding="utf-8"))
+    else:  # a checkpoint from before samples travelled with it
+        from carousel.tracking.lm_model import LoadedLM
+
+        lm = LoadedLM(model_dir)
+        samples = [lm.generate(p, spec.tracking.sample_tokens, temperature=0.8, top_k=40, seed=spec.seed)
+                   for p in spec.tracking.sample_prompts]
     best_metrics = {"val_ppl": meta["metrics"]["val_ppl"], "step": meta["step"]}
     for k in ("test_ppl",):
         if k in metrics:

@@ -286,7 +286,7 @@ def train_worker(config: dict[str, Any]) -> None:
             raise ckpt.CheckpointError(f"step {step}: the weights hold NaN/Inf; no checkpoint is published")
         export = meta = None
         if rank == 0:
-            export = {"state_dict": ckpt.export_state_dict(engine.module), **unit.export()}
+            export = {"state_dict": ckpt.export_state_dict(engine.module), **unit.export(engine.module)}
             meta = {
                 "step": step,
                 "world_size": world,

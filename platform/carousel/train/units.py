@@ -9,6 +9,7 @@ goes into the exported ``model/`` directory. The speech (CTC) unit lives in ctc_
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Protocol
 
@@ -36,7 +37,7 @@ class Unit(Protocol):
     def describe(self, metrics: dict[str, float], prefix: str) -> str: ...
     def train_metrics(self, mean_loss: float) -> dict[str, float]: ...
     def summary_lines(self, params: int, world: int) -> list[str]: ...
-    def export(self) -> dict[str, Any]: ...  # {"model": model.json dict, "files": {name: text}}
+    def export(self, module: torch.nn.Module) -> dict[str, Any]: ...  # {"model": model.json dict, "files": {name: text}}
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any], device) -> None: ...
 
@@ -105,15 +106,27 @@ class LMUnit:
         t = self.spec.train
         return summary_lines(params, t.batch_size * t.bptt * t.grad_accum * world, world, self.spec)
 
-    def export(self) -> dict[str, Any]:
+    def export(self, module: torch.nn.Module) -> dict[str, Any]:
+        """model.json, the tokenizer, and samples.json: the model's continuations of the spec's prompts
+        at this step (what the driver logs when it publishes this checkpoint, without loading a model)."""
+        from tokenizers import Tokenizer
+
+        from carousel.models.lm import generate_text
+        from carousel.train.checkpoint import SAMPLES
+
         tok = self.dataset.manifest.tokenizer
+        tokenizer_json = self.dataset.root.join(tok["file"]).read_bytes().decode()
+        tr = self.spec.tracking
+        tokenizer = Tokenizer.from_str(tokenizer_json)
+        samples = [generate_text(module, tokenizer, p, tr.sample_tokens, temperature=0.8, top_k=40, seed=self.spec.seed)
+                   for p in tr.sample_prompts]
         return {
             "model": {
                 "config": self.spec.model.model_dump(mode="json"),
                 "vocab_size": self.vocab_size,
                 "tokenizer_sha256": tok["sha256"],
             },
-            "files": {"tokenizer.json": self.dataset.root.join(tok["file"]).read_bytes().decode()},
+            "files": {"tokenizer.json": tokenizer_json, SAMPLES: json.dumps(samples)},
         }
 
     def state_dict(self) -> dict[str, Any]:
