@@ -68,8 +68,8 @@ def run(ctx) -> dict:
             ratio("scaling 2x1/1x1", m["2x1"]["median"] / m["1x1"]["median"], Goal(">=", 1.8),
                   f"{m['2x1']['median']:.0f} / {m['1x1']['median']:.0f} tok/s (2 workers x 1 thread / 1 x 1)"),
             ratio("scaling plain 2x1/1x1", plain_ratio, None,
-                  f"{m['plain 2x1']['median']:.0f} / {m['plain 1x1']['median']:.0f} tok/s (plain PyTorch + gloo, no Ray: "
-                  "this machine's ceiling for the ratio)"),
+                  f"{m['plain 2x1']['median']:.0f} / {m['plain 1x1']['median']:.0f} tok/s (plain PyTorch + gloo, not "
+                  "through Ray, beside the idle cluster: this machine's ceiling for the ratio)"),
             ratio("scaling 2x1/1x1 of plain's", m["2x1"]["median"] / m["1x1"]["median"] / plain_ratio, None,
                   "Carousel's 2x1/1x1 / plain's 2x1/1x1: what Ray and Carousel keep of the machine's scaling"),
             ratio("scaling 2x1/1x2", m["2x1"]["median"] / m["1x2"]["median"], None,
