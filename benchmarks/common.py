@@ -60,11 +60,13 @@ class PlainLM:
         from carousel.train.loop import _optimizer
         from carousel.train.schedule import build_scheduler
 
+        from carousel.train import host_allocator
         from carousel.train.runtime import set_threads
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
         set_threads(threads)  # what a Carousel worker does: intra-op threads = CPUs, one inter-op thread
+        host_allocator.apply(os.environ)  # and its allocator's thresholds (train/host_allocator.py)
         self.torch, self.precision = torch, precision
         self.spec = spec = load_spec(SPEC, [f"data.path={data}", *(overrides or [])])
         t = spec.train

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from carousel.train import host_allocator
 from carousel.train.runtime import configure_accelerator, rng_state, seed_everything, set_rng_state, set_threads
 
 
@@ -270,7 +271,8 @@ def train_worker(config: dict[str, Any]) -> None:
         for line in unit.summary_lines(params, world):
             say(line)
         # What reached this worker (train/process_group.py sets the policy before torch loads).
-        say(f"threads: {torch.get_num_threads()} per worker, OpenMP waits {os.environ.get('OMP_WAIT_POLICY', 'by default')}")
+        say(f"threads: {torch.get_num_threads()} per worker, OpenMP waits {os.environ.get('OMP_WAIT_POLICY', 'by default')}; "
+            f"host allocator: {host_allocator.applied()}")
         if (warning := slow_precision_warning(t.precision, device)) is not None:
             say(warning)
         if warm:

@@ -124,8 +124,11 @@ class ProcessGroupBackend(Backend):
 def apply_env(env: dict[str, str]) -> list[str]:
     """Set ``env`` here; returns the variables torch already read, which keep the values it read
     (so what this process reports of them, e.g. rank 0's threads line, stays true)."""
+    from carousel.train import host_allocator
+
     late = late_variables(env, "torch" in sys.modules, dict(os.environ))
     os.environ.update({k: v for k, v in env.items() if k not in late})
+    host_allocator.apply(os.environ)
     return late
 
 
