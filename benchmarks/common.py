@@ -58,10 +58,9 @@ class PlainLM:
         from carousel.data.streams import StreamLoader
         from carousel.models.lm import LanguageModel
         from carousel.train.loop import _optimizer
-        from carousel.train.schedule import build_scheduler
-
         from carousel.train import host_allocator
         from carousel.train.runtime import set_threads
+        from carousel.train.schedule import build_scheduler
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
