@@ -41,7 +41,7 @@ PAGES_PER_STEP = 4 * (16 << 20) // 4096
 
 def faults_per_step(prelude: str, env: dict[str, str] | None = None) -> tuple[str, float]:
     code = textwrap.dedent(prelude) + textwrap.dedent(STEPS)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={**clean, **(env or {})}, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]

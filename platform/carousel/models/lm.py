@@ -97,6 +97,11 @@ def generate_text(model: LanguageModel, tokenizer, prompt: str, max_tokens: int,
     return prompt + decode(tokenizer, out)
 
 
+def published_samples(model: LanguageModel, tokenizer, prompts: list[str], max_tokens: int, seed: int) -> list[str]:
+    """The continuations of the spec's prompts logged with a published model (temperature 0.8, top-k 40)."""
+    return [generate_text(model, tokenizer, p, max_tokens, temperature=0.8, top_k=40, seed=seed) for p in prompts]
+
+
 @torch.no_grad()
 def sample(
     model: LanguageModel,

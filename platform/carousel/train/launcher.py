@@ -251,11 +251,12 @@ def publish_model(spec: JobSpec, tracking_uri: str, run_id: str, checkpoint_path
     if samples_at.exists():  # rank 0 wrote them with the checkpoint: no model is loaded here
         samples = json.loads(samples_at.read_text(encoding="utf-8"))
     else:  # a checkpoint from before samples travelled with it
+        from carousel.models.lm import published_samples
         from carousel.tracking.lm_model import LoadedLM
 
         lm = LoadedLM(model_dir)
-        samples = [lm.generate(p, spec.tracking.sample_tokens, temperature=0.8, top_k=40, seed=spec.seed)
-                   for p in spec.tracking.sample_prompts]
+        samples = published_samples(lm.model, lm.tokenizer, spec.tracking.sample_prompts, spec.tracking.sample_tokens,
+                                    spec.seed)
     best_metrics = {"val_ppl": meta["metrics"]["val_ppl"], "step": meta["step"]}
     for k in ("test_ppl",):
         if k in metrics:

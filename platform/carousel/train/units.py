@@ -111,15 +111,14 @@ class LMUnit:
         at this step (what the driver logs when it publishes this checkpoint, without loading a model)."""
         from tokenizers import Tokenizer
 
-        from carousel.models.lm import generate_text
+        from carousel.models.lm import published_samples
         from carousel.train.checkpoint import SAMPLES
 
         tok = self.dataset.manifest.tokenizer
         tokenizer_json = self.dataset.root.join(tok["file"]).read_bytes().decode()
         tr = self.spec.tracking
         tokenizer = Tokenizer.from_str(tokenizer_json)
-        samples = [generate_text(module, tokenizer, p, tr.sample_tokens, temperature=0.8, top_k=40, seed=self.spec.seed)
-                   for p in tr.sample_prompts]
+        samples = published_samples(module, tokenizer, tr.sample_prompts, tr.sample_tokens, self.spec.seed)
         return {
             "model": {
                 "config": self.spec.model.model_dump(mode="json"),
