@@ -111,18 +111,17 @@ def run_row(name: str, ctx: Ctx) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = [f"{'row':22s} {'ratio':>9s}  {'goal':8s} {'met':3s}  {'load':>5s}  measured"]
-    for name in ROWS:
-        r = results["rows"].get(name)
-        if r is None:
-            continue
+    present = [(name, results["rows"][name]) for name in ROWS if name in results["rows"]]
+    w = max([22] + [len(q["name"]) for _, r in present for q in r.get("ratios", [])])
+    lines = [f"{'row':{w}s} {'ratio':>9s}  {'goal':8s} {'met':3s}  {'load':>5s}  measured"]
+    for name, r in present:
         if "error" in r:
-            lines.append(f"{name:22s} {'FAILED':>9s}  {r['error'].splitlines()[-1][:90]}")
+            lines.append(f"{name:{w}s} {'FAILED':>9s}  {r['error'].splitlines()[-1][:90]}")
             continue
         load = r["load_avg"][0]
         for q in r["ratios"]:
             met = "" if q["met"] is None else ("yes" if q["met"] else "NO")
-            lines.append(f"{q['name']:22s} {q['value']:9.3f}  {q['goal'] or '':8s} {met:3s}  {load:5.1f}  {q['measured']}")
+            lines.append(f"{q['name']:{w}s} {q['value']:9.3f}  {q['goal'] or '':8s} {met:3s}  {load:5.1f}  {q['measured']}")
     return "\n".join(lines)
 
 
@@ -131,7 +130,7 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(ROWS), help="comma-separated rows, in the order to run them")
     ap.add_argument("--data", default=str(ROOT / "data" / "kjv-bpe"))
     ap.add_argument("--speech-data", default=str(ROOT / "data" / "asr-flite-small"),
-                    help="a prepared speech dataset for the data row (skipped when absent)")
+                    help="the speech dataset of the data row (synthesized there when absent)")
     ap.add_argument("--steps", type=int, default=30, help="measured steps per side (platform, tracking, data)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the sides")
@@ -156,6 +155,12 @@ def main() -> None:
     data = os.path.abspath(args.data)
     if not (Path(data) / "manifest.json").exists():
         subprocess.run([str(BIN / "carousel"), "prepare", "text", "--kjv", "--out", data, "--vocab-size", "4000"], check=True)
+    speech_data = os.path.abspath(args.speech_data)
+    if "data" in rows and not (Path(speech_data) / "manifest.json").exists():
+        # The corpus jobs/asr-flite-small.yaml names in its header (about 2 minutes of flite and
+        # espeak-ng on 2 cores), so the speech figures describe the speech demo's batches.
+        subprocess.run([str(BIN / "carousel"), "prepare", "speech", "--synthesize", "--utterances", "2000",
+                        "--held-out", "200", "--out", speech_data], check=True)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Keep earlier rows of results.json that this run does not measure, so `--only` refreshes a row.
@@ -163,7 +168,7 @@ def main() -> None:
     results = {"machine": machine(), "load_avg_before": load_avg(), "args": vars(args),
                "rows": dict(previous.get("rows", {}))}
     with tempfile.TemporaryDirectory(prefix="carousel-bench-") as tmp:
-        ctx = Ctx(data=data, speech_data=os.path.abspath(args.speech_data), work=Path(tmp), steps=args.steps,
+        ctx = Ctx(data=data, speech_data=speech_data, work=Path(tmp), steps=args.steps,
                   warmup=args.warmup, rounds=args.rounds, kernel_steps=args.kernel_steps,
                   kernel_warmup=args.kernel_warmup, kernel_rounds=args.kernel_rounds, eval_windows=args.eval_windows,
                   scaling_steps=args.scaling_steps, startup_rounds=args.startup_rounds,
