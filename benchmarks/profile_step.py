@@ -53,7 +53,7 @@ def torch_profile(args) -> None:
 def worker_profile(args) -> None:
     OUT.mkdir(exist_ok=True)
     out = OUT / "profile-worker.txt"
-    first = re.compile(r"\bstep\s+1/")
+    first = re.compile(r"\bstep\s+\d+/")  # rank 0's first progress line
     spy: list[subprocess.Popen] = []
 
     def watch(line, proc):
@@ -65,10 +65,13 @@ def worker_profile(args) -> None:
                    "--rate", "100", "--format", "raw", "--output", str(out)] + (["--native"] if args.native else [])
             spy.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
 
-    steps = max(20, int(args.seconds * 10))  # enough steps to outlast the sampling
+    # Enough steps to outlast the sampling, a multiple of the warm-up: carousel_train prints a
+    # progress line every gcd(warmup, warmup + steps) steps, so the first comes at step 5.
+    warmup = 5
+    steps = warmup * max(4, args.seconds * 2)
     extra = [a for kv in args.set for a in ("--set", kv)]
     with tempfile.TemporaryDirectory(prefix="carousel-profile-") as tmp:
-        carousel_train(args.data, steps, 0, Path(tmp), extra=extra, watch=watch)
+        carousel_train(args.data, steps, warmup, Path(tmp), extra=extra, watch=watch)
     if not spy:
         raise SystemExit("no training worker was found to profile")
     _, err = spy[0].communicate(timeout=args.seconds + 60)
