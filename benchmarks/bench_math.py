@@ -10,6 +10,7 @@ import operator
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def lstm_lm_flops_per_token(layer_inputs: Sequence[int], hidden: int, vocab: int) -> int:
@@ -167,3 +168,38 @@ def steps_at(history, t: float) -> float:
         return float(s1)
     (t2, s2) = after[0]
     return s1 + (s2 - s1) * (t - t1) / max(t2 - t1, 1e-9)
+
+
+def process_title(cmdline: Sequence[str]) -> str:
+    """A short name for a process of a Ray node, from its command line: Ray's actors and workers
+    by their title (``ray::TrainController.run`` -> ``TrainController``), the dashboard's modules
+    by theirs, Python scripts and modules by name, binaries by file name."""
+    if not cmdline:
+        return "?"
+    head = cmdline[0]
+    if head.startswith("ray::"):
+        return head[5:].split(".", 1)[0].split()[0] or "ray::"
+    if head.startswith("ray-dashboard-"):
+        return "dashboard " + head[len("ray-dashboard-"):].split()[0].rsplit("-", 1)[0]
+    if Path(head).name.startswith("python"):
+        args = list(cmdline[1:])
+        while args and args[0].startswith("-") and args[0] != "-m":
+            args.pop(0)
+        if args[:1] == ["-m"] and len(args) > 1:
+            return args[1]
+        if args:
+            name = Path(args[0]).name
+            return name[:-3] if name.endswith(".py") else (" ".join([name, *args[1:2]]))
+    return Path(head).name
+
+
+def cpu_by_title(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU-seconds each kind of process spent between two readings of {pid: (title, CPU-s)},
+    summed by title, largest first. A process counts under its title at the second reading (a Ray
+    worker retitles itself when it takes an actor: ``ray::IDLE`` -> ``ray::DatasetManager``); one
+    that started in between counts from zero; one that ended in between is not in ``after`` and
+    is left out (its last CPU time is unknown)."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for pid, (title, cpu) in after.items():
+        out[title] += cpu - (before[pid][1] if pid in before else 0.0)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))

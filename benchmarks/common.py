@@ -12,11 +12,11 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-from bench_math import steps_at, vm_hwm_bytes
+from bench_math import cpu_by_title, process_title, steps_at, vm_hwm_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -266,7 +266,8 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
                     timeline[key] = round(time.time() - t0, 2)
             for step, pat in window.items():
                 if steps and step not in cpu_at and pat.search(line):
-                    cpu_at[step] = (time.time(), workers_cpu_by_thread(workers_root or proc.pid, before), machine_cpu())
+                    cpu_at[step] = (time.time(), workers_cpu_by_thread(workers_root or proc.pid, before), machine_cpu(),
+                                    processes_cpu([r for r in (workers_root, proc.pid) if r]))
             if watch is not None:
                 watch(line, proc)
         proc.wait()
@@ -282,14 +283,18 @@ def carousel_train(data: str, steps: int, warmup: int, work: Path, address: str 
     tps = [m.value for m in sorted(history, key=lambda m: m.step) if warmup < m.step <= warmup + steps]
     threads, done, machine = {}, 0, {}
     if len(cpu_at) == 2:
-        (ta, a, ma), (tb, b, mb) = cpu_at[warmup], cpu_at[warmup + steps]
+        (ta, a, ma, pa), (tb, b, mb, pb) = cpu_at[warmup], cpu_at[warmup + steps]
         threads = {k: b[k] - a.get(k, 0.0) for k in b}
         busy, idle = mb[0] - ma[0], mb[1] - ma[1]
         if busy + idle > 0:
             work_s = sum(threads.values())
             machine = {"train_workers": round(work_s / (busy + idle), 3),
                        "everything_else": round((busy - work_s) / (busy + idle), 3),
-                       "idle": round(idle / (busy + idle), 3)}
+                       "idle": round(idle / (busy + idle), 3),
+                       # who "everything else" is, as shares of the machine: the cluster's daemons, Train's
+                       # actors, the driver (the workers' own share is train_workers, above)
+                       "by_process": {k: round(v / (busy + idle), 4) for k, v in cpu_by_title(pa, pb).items()
+                                      if k != "RayTrainWorker" and v / (busy + idle) >= 0.0005}}
         # The lines reach us through Ray's log forwarding, late by a varying fraction of a second:
         # count the steps finished between the two CPU readings from the metric timestamps rank 0
         # wrote right after each logged step (same clock), interpolated between logged steps, not
@@ -323,14 +328,14 @@ class PrivateCluster:
         # machine's latest) and a run ends without its 12 s timeout (see tests/integration/conftest.py).
         # Metrics exporters off, as `carousel cluster up` runs them (cluster/local.py process_env):
         # the cluster a user's `carousel train` meets, and less daemon CPU on 2 cores.
-        from carousel.cluster.local import METRICS_OFF
+        from carousel.cluster.local import METRICS_OFF, QUIET_LOG_MONITOR
         from carousel.ray_session import ensure_token
 
         ensure_token()  # token auth on, as cluster up runs it (`ray start` alone: only if a token exists)
         env = {**os.environ, "RAY_ADDRESS": self.address, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                "RAY_AUTH_MODE": "token",
                "RAY_enable_metrics_collection": "0", "AUTOSCALER_METRIC_PORT": str(METRICS_OFF),
-               "DASHBOARD_METRIC_PORT": str(METRICS_OFF)}
+               "DASHBOARD_METRIC_PORT": str(METRICS_OFF), **QUIET_LOG_MONITOR}
         self.head = subprocess.Popen(
             [str(BIN / "python"), "-m", "carousel.cluster.ray_node", "start", "--head", "--block", f"--port={port}",
              f"--num-cpus={num_cpus}", f"--dashboard-port={free_port()}", "--dashboard-host=127.0.0.1",
@@ -405,6 +410,26 @@ class MlflowServer:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(30)
+
+
+def processes_cpu(roots: Sequence[int]) -> dict[int, tuple[str, float]]:
+    """{pid: (process_title, CPU-s)} of ``roots`` and every process below them: a Ray node's
+    daemons, Train's actors and workers, the driver."""
+    import psutil
+
+    out = {}
+    for root in roots:
+        try:
+            procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                out[p.pid] = (process_title(p.cmdline()), t.user + t.system)
+            except psutil.Error:
+                continue  # exited between listing and reading
+    return out
 
 
 def workers_cpu_by_thread(root_pid: int, exclude: set[int]) -> dict[str, float]:

@@ -79,7 +79,8 @@ def run(ctx) -> dict:
                   "costs in work, whatever the load"),
             *([ratio("scaling 2x1 workers' CPU share", share["train_workers"], None,
                      f"of the machine's CPU during the 2 x 1 steps; everything else {share['everything_else']:.3f}, "
-                     f"idle {share['idle']:.3f} (Ray's daemons, Train's actors, the driver; all-reduce waits)")]
+                     f"idle {share['idle']:.3f} (all-reduce waits); largest others: "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in list(share.get("by_process", {}).items())[:4]))]
               if (share := _median_split(machine["2x1"])) else []),
         ],
         "load_avg": load_avg(),

@@ -13,10 +13,12 @@ from bench_math import (  # noqa: E402
     Goal,
     alternate,
     attainable_rate,
+    cpu_by_title,
     gemm_flops,
     leaf_summary,
     lstm_lm_flops_per_token,
     padding_efficiency,
+    process_title,
     ratio,
     ratio_of_medians,
     spread,
@@ -162,3 +164,32 @@ def test_steps_between_readings_are_interpolated_between_logged_steps():
     assert steps_at(history, 10.5) == pytest.approx(7.5)  # halfway between steps 5 and 10
     assert steps_at(history, 13.0) == 15.0  # after the last logged step: no more is known
     assert steps_at(list(reversed(history)), 11.5) == pytest.approx(12.5)
+
+
+@pytest.mark.parametrize("cmdline, title", [
+    (["ray::TrainController.run"], "TrainController"),
+    (["ray::RayTrainWorker"], "RayTrainWorker"),
+    (["ray::IDLE"], "IDLE"),
+    (["ray-dashboard-StateHead-0 (/venv/bin/python -B -c \"from multiprocessing.forkserver import main\")"],
+     "dashboard StateHead"),
+    (["/venv/bin/python", "-u", "/venv/lib/python3.11/site-packages/ray/_private/log_monitor.py", "--session-dir=/tmp/s"],
+     "log_monitor"),
+    (["/venv/bin/python", "/venv/lib/python3.11/site-packages/ray/dashboard/dashboard.py", "--host=127.0.0.1"],
+     "dashboard"),
+    (["/venv/bin/python", "-m", "ray.util.client.server", "--address=10.0.0.1:6379"], "ray.util.client.server"),
+    (["/venv/bin/python3.11", "/venv/bin/carousel", "train", "jobs/lm.yaml"], "carousel train"),
+    (["/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet", "--raylet_socket_name=/tmp/r"], "raylet"),
+    ([], "?"),
+])
+def test_process_titles_of_a_ray_node(cmdline, title):
+    assert process_title(cmdline) == title
+
+
+def test_cpu_by_title_sums_deltas_and_follows_retitled_workers():
+    before = {1: ("raylet", 10.0), 2: ("IDLE", 3.0), 3: ("TrainController", 5.0), 4: ("TrainController", 1.0),
+              9: ("ended", 7.0)}
+    after = {1: ("raylet", 10.5), 2: ("DatasetManager", 3.25), 3: ("TrainController", 5.5),
+             4: ("TrainController", 1.25), 5: ("new", 0.125)}
+    got = cpu_by_title(before, after)
+    assert got == {"TrainController": 0.75, "raylet": 0.5, "DatasetManager": 0.25, "new": 0.125}
+    assert list(got) == ["TrainController", "raylet", "DatasetManager", "new"]  # largest first

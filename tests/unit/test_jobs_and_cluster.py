@@ -187,6 +187,24 @@ def test_plan_postgres_auth_storage_and_bad_sizes(tmp_path):
         _plan(tmp_path, workers=0)
 
 
+def test_process_env_slows_rays_log_directory_scan(tmp_path):
+    """Ray's own log monitor, imported under the cluster's environment, rescans its directory at most
+    once a second (a Ray release that renamed the knobs would scan every pass again); a user's value wins."""
+    import subprocess
+
+    env = local.process_env(_plan(tmp_path), base={"PATH": os.environ.get("PATH", "")})
+    probe = ("import time; from ray._private.log_monitor import LogMonitor as M, LOG_NAME_UPDATE_INTERVAL_S as i; "
+             "m = M.__new__(M); m.log_filenames = set(); now = time.time(); "
+             "print(m.should_update_filenames(now), m.should_update_filenames(now - 1.5), i)")
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                          check=True).stdout.split() == ["False", "True", "1.0"]
+    default = subprocess.run([sys.executable, "-c", probe], env={"PATH": env["PATH"]}, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert default[0] == "True"  # Ray's default: every pass
+    mine = local.process_env(_plan(tmp_path), base={"LOG_NAME_UPDATE_INTERVAL_S": "0.2"})
+    assert mine["LOG_NAME_UPDATE_INTERVAL_S"] == "0.2"
+
+
 def test_process_env_marks_and_authenticates_everything(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "somewhere:6379")
     st = _plan(tmp_path, mlflow_auth=True)
