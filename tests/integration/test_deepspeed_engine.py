@@ -69,6 +69,35 @@ def test_gradient_accumulation_steps_once_per_boundary(deepspeed):
     assert engine.global_steps == 1
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_worker_without_the_backward_allreduce_updates_bit_identically(deepspeed, precision):
+    """What the loop does with one ZeRO 0 worker (deepspeed_config.backward_allreduce_needed):
+    skipping the engine's flatten / reduce / copy-back changes no bit of the training, with
+    accumulation and clipping on."""
+    from carousel.train.deepspeed_config import backward_allreduce_needed
+
+    train = TrainConfig(max_steps=10, batch_size=2, grad_accum=2, grad_clip=0.05, schedule="constant",
+                        precision=precision)
+    assert not backward_allreduce_needed(train.zero_stage, 1)
+    runs = []
+    for allreduce in (True, False):
+        engine = engine_for(deepspeed, train, lr=0.1)
+        engine.enable_backward_allreduce = allreduce
+        torch.manual_seed(1)
+        losses = []
+        for _ in range(6):
+            x = torch.randint(0, 20, (2, 12))
+            loss, _ = engine(x, None, targets=x)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        runs.append((losses, [p.detach().clone() for p in engine.module.parameters()], engine.global_steps))
+    (l1, w1, s1), (l2, w2, s2) = runs
+    assert s1 == s2 == 3 and l1 == l2
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2))
+    assert not all(torch.equal(a, b) for a, b in zip(w1, engine_for(deepspeed, train).module.parameters()))  # it trained
+
+
 class _Payload:
     """Unpickling this runs a shell command: what a hostile checkpoint would carry."""
 

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from carousel.config import TrainConfig
-from carousel.train.deepspeed_config import deepspeed_config
+from carousel.train.deepspeed_config import backward_allreduce_needed, deepspeed_config
 from carousel.train.schedule import lr_factor
 
 
@@ -52,3 +52,9 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_is_warned_about():
     expected = None if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "without bf16 arithmetic"
     got = slow_precision_warning("bf16", cpu)
     assert (got is None) if expected is None else (expected in got)
+
+
+def test_only_a_lone_zero0_worker_skips_the_backward_allreduce():
+    assert not backward_allreduce_needed(0, 1)
+    assert backward_allreduce_needed(0, 2)  # data parallel: the average is needed
+    assert backward_allreduce_needed(1, 1) and backward_allreduce_needed(2, 1)  # reduced by ZeRO's optimizer

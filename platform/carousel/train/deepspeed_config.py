@@ -29,3 +29,14 @@ def deepspeed_config(t: TrainConfig, world_size: int) -> dict[str, Any]:
     if t.grad_clip is not None:
         cfg["gradient_clipping"] = t.grad_clip
     return cfg
+
+
+def backward_allreduce_needed(zero_stage: int, world_size: int) -> bool:
+    """Whether DeepSpeed's engine should all-reduce the gradients after backward.
+
+    At ZeRO 0 its "all-reduce" flattens every gradient into one buffer, reduces it and copies it
+    back, even with one worker, where the average of one is itself: 1.5 % of a step of the
+    benchmark model on one CPU thread, for bit-identical gradients (docs/performance.md,
+    platform). ZeRO 1/2 reduce through their optimizer, which also partitions; they keep it.
+    """
+    return not (zero_stage == 0 and world_size == 1)

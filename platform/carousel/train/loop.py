@@ -194,7 +194,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from carousel.config import JobSpec
     from carousel.train import checkpoint as ckpt
-    from carousel.train.deepspeed_config import deepspeed_config
+    from carousel.train.deepspeed_config import backward_allreduce_needed, deepspeed_config
     from carousel.train.nonfinite import NonFiniteGuard, weights_are_finite
     from carousel.train.progress import progress_line, say
     from carousel.train.safe_load import weights_only_engine
@@ -214,6 +214,7 @@ def train_worker(config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, t), config=deepspeed_config(t, world)
     )
+    engine.enable_backward_allreduce = engine.enable_backward_allreduce and backward_allreduce_needed(t.zero_stage, world)
     loader = unit.train_loader(rank, world)
     seed_everything(spec.seed + 1 + rank)  # per-rank dropout streams
     metric = unit.metric  # checkpoints are ranked by it, lower is better
