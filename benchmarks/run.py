@@ -157,8 +157,8 @@ def main() -> None:
         subprocess.run([str(BIN / "carousel"), "prepare", "text", "--kjv", "--out", data, "--vocab-size", "4000"], check=True)
     speech_data = os.path.abspath(args.speech_data)
     if "data" in rows and not (Path(speech_data) / "manifest.json").exists():
-        # The corpus jobs/asr-flite-small.yaml names in its header (about 2 minutes of flite and
-        # espeak-ng on 2 cores), so the speech figures describe the speech demo's batches.
+        # The corpus jobs/asr-flite-small.yaml names in its header (flite and espeak-ng, ~35 s on
+        # 2 cores), so the speech figures describe the speech demo's batches.
         subprocess.run([str(BIN / "carousel"), "prepare", "speech", "--synthesize", "--utterances", "2000",
                         "--held-out", "200", "--out", speech_data], check=True)
     out_path = Path(args.out)

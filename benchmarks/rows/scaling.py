@@ -25,6 +25,12 @@ def _median_split(splits: list[dict[str, float]]) -> dict[str, float]:
     return splits[len(splits) // 2] if splits else {}
 
 
+def _largest(share: dict, n: int = 4) -> str:
+    """The ``n`` processes besides the workers that took the most of the machine, as text."""
+    top = list(share.get("by_process", {}).items())[:n]
+    return "; largest others: " + ", ".join(f"{k} {v:.3f}" for k, v in top) if top else ""
+
+
 def run(ctx) -> dict:
     cluster = ctx.cluster()
     loads: list[list[float]] = []
@@ -79,8 +85,7 @@ def run(ctx) -> dict:
                   "costs in work, whatever the load"),
             *([ratio("scaling 2x1 workers' CPU share", share["train_workers"], None,
                      f"of the machine's CPU during the 2 x 1 steps; everything else {share['everything_else']:.3f}, "
-                     f"idle {share['idle']:.3f} (all-reduce waits); largest others: "
-                     + ", ".join(f"{k} {v:.3f}" for k, v in list(share.get("by_process", {}).items())[:4]))]
+                     f"idle {share['idle']:.3f} (all-reduce waits){_largest(share)}")]
               if (share := _median_split(machine["2x1"])) else []),
         ],
         "load_avg": load_avg(),
