@@ -392,6 +392,27 @@ def test_ray_pods_get_writable_emptydirs_on_a_read_only_root(render, values_set)
 
 
 @pytest.mark.parametrize("values_set", VALUES_SETS)
+def test_ray_pods_rescan_logs_as_carousel_cluster_up_does(render, values_set):
+    from carousel.cluster.local import QUIET_LOG_MONITOR
+
+    r = render(values_set)
+    for where, _, template in r.ray_pod_templates():
+        (ray,) = template["spec"]["containers"]
+        env = env_of(ray)
+        assert {k: env[k]["value"] for k in QUIET_LOG_MONITOR} == QUIET_LOG_MONITOR, where
+
+
+def test_extra_env_replaces_the_charts_log_monitor_setting(chart):
+    r = render_with(chart, {"ray": {"extraEnv": [{"name": "LOG_NAME_UPDATE_INTERVAL_S", "value": "5"}]}})
+    for where, _, template in r.ray_pod_templates():
+        (ray,) = template["spec"]["containers"]
+        names = [e["name"] for e in ray["env"]]
+        assert names.count("LOG_NAME_UPDATE_INTERVAL_S") == 1, where
+        assert env_of(ray)["LOG_NAME_UPDATE_INTERVAL_S"]["value"] == "5", where
+        assert env_of(ray)["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"]["value"] == "0", where
+
+
+@pytest.mark.parametrize("values_set", VALUES_SETS)
 def test_network_policy_admits_only_the_release_the_operator_and_the_ingress_namespace(render, values_set):
     r = render(values_set)
     policy = r.one("NetworkPolicy")

@@ -229,6 +229,18 @@ seccompProfile:
 {{- end }}
 {{- end }}
 {{- end }}
+{{- /* Ray's log monitor rescans its log directory once a second instead of on every 0.1 s pass, as
+`carousel cluster up` has it (cluster/local.py QUIET_LOG_MONITOR): on small CPU nodes it was the busiest
+process besides the workers. A new file's lines arrive up to 1 s later; nothing is lost. A variable
+of the same name in ray.extraEnv replaces ours (Kubernetes keeps one entry per name). */}}
+{{- $userEnv := list }}
+{{- range .Values.ray.extraEnv }}{{ $userEnv = append $userEnv .name }}{{ end }}
+{{- range $name, $value := dict "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD" "0" "LOG_NAME_UPDATE_INTERVAL_S" "1.0" }}
+{{- if not (has $name $userEnv) }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
 {{- with .Values.ray.extraEnv }}
 {{ toYaml . }}
 {{- end }}
